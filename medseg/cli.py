@@ -1,0 +1,180 @@
+"""The `medseg` command: one subcommand per pipeline stage. The only place that configures logging.
+
+Exit status: 0 done; 1 an error stopped the command (the message says why); 3 the batch finished but skipped
+some cases (see the failures report; ``--skips-ok`` turns this into 0 for workflows that should go on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.config import Config, load_config
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+EXIT_ERROR, EXIT_SKIPPED = 1, 3
+
+
+def _track(items: Iterable[Any], description: str, total: int) -> Iterable[Any]:
+    """A rich progress bar (cases done, time left) on a terminal; plain iteration in logs and CI."""
+    if not sys.stderr.isatty():
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, total=total, transient=False)
+
+
+def _demo_data(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.demo_data.run import run
+
+    folders = run(cfg, Path(args.output))
+    log.info("demo cohort of %d patients written to %s", len(folders), args.output)
+    return 0
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.ingest.run import run
+
+    result = run(cfg, Path(args.input), Path(args.output), Path(args.manifest), track=_track)
+    log.info(
+        "ingested %d case(s), skipped %d; manifest %s, failures report %s",
+        len(result.rows),
+        len(result.failures),
+        args.manifest,
+        Path(args.output) / "failures.tsv",
+    )
+    if not result.rows:
+        log.error("nothing could be ingested from %s", args.input)
+        return EXIT_ERROR
+    return EXIT_SKIPPED if result.failures and not args.skips_ok else 0
+
+
+def _resample(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.manifest import read_manifest
+    from medseg.resample.run import run
+
+    entries = read_manifest(args.manifest)
+    wanted = [e for e in entries if args.patient_id in (None, e.patient_id)]
+    if not wanted:
+        raise MedsegError(f"patient {args.patient_id} is not in manifest {args.manifest}")
+    for entry in _track(wanted, "resample", len(wanted)):
+        run(cfg, entry, Path(args.output_dir))
+    return 0
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.train.run import run
+
+    summary = run(cfg, Path(args.manifest), Path(args.resample_dir), Path(args.output_dir), threads=args.threads)
+    log.info("training done: best validation Dice %.4f, MLflow run %s", summary["best_val_dice"], summary["run_id"])
+    return 0
+
+
+def _infer(cfg: Config, args: argparse.Namespace) -> int:
+    import torch
+
+    from medseg.infer.run import run
+
+    torch.set_num_threads(args.threads)
+    run(cfg, Path(args.model), Path(args.image), Path(args.output))
+    return 0
+
+
+def _postprocess(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.postprocess.run import run
+
+    run(cfg, Path(args.input), Path(args.output))
+    return 0
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.evaluate.run import run
+
+    run_json = Path(args.run_json) if args.run_json else None
+    summary = run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output_dir), run_json)
+    log.info("mean foreground Dice over %d test patient(s): %s", summary["n_patients"], summary["mean_foreground_dice"])
+    for name, entry in summary["per_class"].items():
+        log.info("  %s: Dice %s, IoU %s, boundary F1 %s", name, *(entry[m]["mean"] for m in ("dice", "iou", "boundary_f1")))
+    log.info("metrics: %s", Path(args.output_dir) / "metrics.tsv")
+    return 0
+
+
+def _check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"# config digest {cfg.digest()}\n{cfg.to_yaml()}", end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("demo-data", _demo_data, "write the synthetic demo cohort (DICOM and NIfTI)")
+    p.add_argument("--output", required=True, help="folder to write (replaced)")
+
+    p = command("ingest", _ingest, "DICOM/NIfTI folder -> canonical NIfTI, sidecars, manifest, failures report")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True, help="folder for images/, labels/, sidecars/ and reports")
+    p.add_argument("--manifest", required=True, help="manifest TSV to write")
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some cases were skipped")
+
+    p = command("resample", _resample, "resample and normalise patients onto the target spacing")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--patient-id", default=None, help="one patient (default: every patient in the manifest)")
+    p.add_argument("--output-dir", required=True)
+
+    p = command("train", _train, "train a U-Net on the manifest's train split, validate on val")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--resample-dir", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+
+    p = command("infer", _infer, "predict one image; the label is written on the image's own grid")
+    p.add_argument("--model", required=True, help="checkpoint (model.pt) written by `medseg train`")
+    p.add_argument("--image", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--threads", type=int, default=1)
+
+    p = command("postprocess", _postprocess, "remove connected components below postprocess.min_component_mm3")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+
+    p = command("evaluate", _evaluate, "Dice, IoU and boundary F1 per test patient and class")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--predictions", required=True, help="folder of <patient_id>.nii.gz")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--run-json", default=None, help="run.json of training: log into its MLflow run")
+
+    command("check-config", _check_config, "validate a config and print it fully resolved")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load_config(args.config)
+        return args.handler(cfg, args)
+    except MedsegError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

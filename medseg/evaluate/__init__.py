@@ -1,0 +1,1 @@
+"""The `evaluate` stage: overlap and boundary metrics per patient and class."""

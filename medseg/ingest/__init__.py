@@ -1,0 +1,1 @@
+"""The `ingest` stage: DICOM and NIfTI in, canonical RAS NIfTI, sidecars, a manifest and a failures report out."""

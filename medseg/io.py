@@ -1,0 +1,167 @@
+"""File I/O. Every write is atomic (a temp file in the same folder, then a rename), so a killed job never
+leaves a half-written output behind."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import ImageReadError
+from medseg.volume import Image, Label, Volume
+
+V = TypeVar("V", bound=Volume)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_tsv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """Write rows as a tab-separated table with a header; missing values become empty cells."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), delimiter="\t", extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _tsv_cell(row.get(k)) for k in columns})
+    return Path(path)
+
+
+def _tsv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def read_volume(path: str | Path, kind: type[V]) -> V:
+    """Read a NIfTI (or anything nibabel reads) as an :class:`Image` or :class:`Label`.
+
+    Args:
+        path: the file.
+        kind: ``Image`` (float32) or ``Label`` (uint8 or int16 class indices).
+
+    Returns:
+        The volume, channel-first ``(C, X, Y, Z)``, in the file's own orientation.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, or a label holds non-integer values.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise ImageReadError(f"{path}: cannot read as an image ({type(err).__name__}: {err})") from err
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    else:
+        raise ImageReadError(f"{path}: expected a 3D volume, got {data.ndim} dimensions {data.shape}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if issubclass(kind, Label):
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ImageReadError(f"{path}: a label must hold whole class numbers, found fractional values")
+        if rounded.min() < 0:
+            raise ImageReadError(f"{path}: a label must not hold negative values")
+        data = rounded.astype(np.uint8 if rounded.max() < 256 else np.int16)
+    else:
+        data = data.astype(np.float32)
+    return kind(data, affine)
+
+
+def write_volume(volume: Volume, path: str | Path) -> Path:
+    """Write a single- or multi-channel volume as NIfTI, atomically."""
+    array = volume.array[0] if volume.array.shape[0] == 1 else np.moveaxis(volume.array, 0, -1)
+    if isinstance(volume, Label):
+        array = array.astype(np.uint8 if array.max(initial=0) < 256 else np.int16)
+    else:
+        array = array.astype(np.float32)
+    img = nib.Nifti1Image(array, volume.affine)
+    img.set_qform(volume.affine, code=1)
+    img.set_sform(volume.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def to_canonical(volume: V) -> V:
+    """Reorient (axis permutation and flips only, no resampling) so the array axes point to R, A, S."""
+    ornt = nib.orientations.io_orientation(volume.affine)
+    target = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    transform = nib.orientations.ornt_transform(ornt, target)
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return volume
+    array = np.stack([nib.orientations.apply_orientation(c, transform) for c in volume.array])
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.spatial_shape)
+    return type(volume)(np.ascontiguousarray(array), affine)
+
+
+__all__ = [
+    "Image",
+    "Label",
+    "atomic_path",
+    "read_json",
+    "read_tsv",
+    "read_volume",
+    "to_canonical",
+    "write_json",
+    "write_text",
+    "write_tsv",
+    "write_volume",
+]

@@ -1,0 +1,1 @@
+"""The `postprocess` stage: connected-component clean-up of predicted labels."""

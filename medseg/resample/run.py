@@ -1,0 +1,58 @@
+"""`medseg resample`: one patient's canonical image (and label) onto the target spacing, normalised.
+
+The sidecar ``<patient_id>.json`` records the original grid (affine and shape) and the new one, so that
+:func:`medseg.resample.functional.resample_to_grid` puts any prediction back exactly where it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import Config
+from medseg.errors import ManifestError
+from medseg.io import read_json, read_volume, write_json, write_volume
+from medseg.manifest import Entry
+from medseg.resample.functional import preprocess, resample_to_grid
+from medseg.volume import Image, Label
+
+
+def output_paths(output_dir: Path, patient_id: str) -> dict[str, Path]:
+    return {
+        "image": output_dir / f"{patient_id}_image.nii.gz",
+        "label": output_dir / f"{patient_id}_label.nii.gz",
+        "record": output_dir / f"{patient_id}.json",
+    }
+
+
+def run(config: Config, entry: Entry, output_dir: Path) -> dict[str, Path]:
+    """Resample one manifest entry. Returns the written paths."""
+    if not entry.image.exists():
+        raise ManifestError(f"{entry.patient_id}: image {entry.image} listed in the manifest does not exist")
+    paths = output_paths(output_dir, entry.patient_id)
+    image = read_volume(entry.image, Image)
+    resampled = preprocess(image, config.resample)
+    record = {
+        "patient_id": entry.patient_id,
+        "original_affine": image.affine.tolist(),
+        "original_shape": list(image.spatial_shape),
+        "resampled_affine": resampled.affine.tolist(),
+        "resampled_shape": list(resampled.spatial_shape),
+        "target_spacing_mm": list(config.resample.target_spacing_mm),
+        "normalization": config.resample.normalization,
+        "config_digest": config.section_digest("resample"),
+    }
+    if entry.label is not None:
+        label = read_volume(entry.label, Label)
+        # Onto exactly the image's new grid, so image and label voxels correspond one to one.
+        write_volume(resample_to_grid(label, resampled.affine, resampled.spatial_shape), paths["label"])
+    write_volume(resampled, paths["image"])
+    write_json(paths["record"], record)
+    return paths
+
+
+def restore(volume: Image | Label, record_path: Path) -> Image | Label:
+    """Put a volume on the resampled grid back onto the scan's original grid recorded in ``record_path``."""
+    record = read_json(record_path)
+    return resample_to_grid(volume, np.asarray(record["original_affine"]), record["original_shape"])

@@ -1,0 +1,12 @@
+if WF.config.demo_data.enabled:
+
+    rule demo_data:
+        output:
+            directory(WF.raw_dir),
+        params:
+            digest=WF.config.section_digest("demo_data"),
+        log:
+            WF.log("demo_data"),
+        threads: 1
+        shell:
+            "medseg demo-data --config {CFG} --output {output} > {log} 2>&1"

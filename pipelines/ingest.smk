@@ -1,0 +1,13 @@
+checkpoint ingest:
+    input:
+        WF.raw_dir,
+    output:
+        manifest=WF.manifest,
+        folder=directory(WF.stage_dir("ingest")),
+    params:
+        digest=WF.config.section_digest("ingest"),
+    log:
+        WF.log("ingest"),
+    threads: 1
+    shell:
+        "medseg ingest --config {CFG} --input {input} --output {output.folder} --manifest {output.manifest} --skips-ok > {log} 2>&1"
