@@ -4,9 +4,10 @@ if WF.config.demo_data.enabled:
         output:
             directory(WF.raw_dir),
         params:
+            config=CFG,
             digest=WF.config.section_digest("demo_data"),
         log:
             WF.log("demo_data"),
         threads: 1
         shell:
-            "medseg demo-data --config {CFG} --output {output} > {log} 2>&1"
+            "medseg demo-data --config {params.config} --output {output} > {log} 2>&1"

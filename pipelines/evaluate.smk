@@ -1,17 +1,13 @@
-def _predictions(wildcards):
-    checkpoints.ingest.get()
-    return WF.postprocessed_predictions()
-
-
 rule evaluate:
     input:
         manifest=WF.manifest,
-        predictions=_predictions,
+        predictions=after_checkpoint(checkpoints.ingest, WF.postprocessed_predictions),
         run=rules.train.output.run,
     output:
         metrics=WF.stage_dir("evaluate") / "metrics.tsv",
         summary=WF.stage_dir("evaluate") / "summary.json",
     params:
+        config=CFG,
         digest=WF.config.section_digest("evaluate"),
         predictions=WF.stage_dir("postprocess"),
         folder=WF.stage_dir("evaluate"),
@@ -19,4 +15,4 @@ rule evaluate:
         WF.log("evaluate"),
     threads: 1
     shell:
-        "medseg evaluate --config {CFG} --manifest {input.manifest} --predictions {params.predictions} --output-dir {params.folder} --run-json {input.run} > {log} 2>&1 && cat {log}"
+        "medseg evaluate --config {params.config} --manifest {input.manifest} --predictions {params.predictions} --output-dir {params.folder} --run-json {input.run} > {log} 2>&1 && cat {log}"

@@ -5,6 +5,7 @@ rule infer:
     output:
         WF.stage_dir("infer") / "{patient_id}.nii.gz",
     params:
+        config=CFG,
         digest=WF.config.section_digest("infer"),
     log:
         WF.log("infer/{patient_id}"),
@@ -12,4 +13,4 @@ rule infer:
     resources:
         gpu=1,
     shell:
-        "medseg infer --config {CFG} --model {input.model} --image {input.image} --output {output} --threads {threads} > {log} 2>&1"
+        "medseg infer --config {params.config} --model {input.model} --image {input.image} --output {output} --threads {threads} > {log} 2>&1"

@@ -5,9 +5,10 @@ checkpoint ingest:
         manifest=WF.manifest,
         folder=directory(WF.stage_dir("ingest")),
     params:
+        config=CFG,
         digest=WF.config.section_digest("ingest"),
     log:
         WF.log("ingest"),
     threads: 1
     shell:
-        "medseg ingest --config {CFG} --input {input} --output {output.folder} --manifest {output.manifest} --skips-ok > {log} 2>&1"
+        "medseg ingest --config {params.config} --input {input} --output {output.folder} --manifest {output.manifest} --skips-ok > {log} 2>&1"

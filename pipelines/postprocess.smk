@@ -4,9 +4,10 @@ rule postprocess:
     output:
         WF.stage_dir("postprocess") / "{patient_id}.nii.gz",
     params:
+        config=CFG,
         digest=WF.config.section_digest("postprocess"),
     log:
         WF.log("postprocess/{patient_id}"),
     threads: 1
     shell:
-        "medseg postprocess --config {CFG} --input {input} --output {output} > {log} 2>&1"
+        "medseg postprocess --config {params.config} --input {input} --output {output} > {log} 2>&1"

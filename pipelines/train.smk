@@ -1,16 +1,12 @@
-def _resampled(wildcards):
-    checkpoints.ingest.get()
-    return WF.resampled_inputs()
-
-
 rule train:
     input:
         manifest=WF.manifest,
-        resampled=_resampled,
+        resampled=after_checkpoint(checkpoints.ingest, WF.resampled_inputs),
     output:
         model=WF.stage_dir("train") / "model.pt",
         run=WF.stage_dir("train") / "run.json",
     params:
+        config=CFG,
         digest=WF.config.section_digest("train"),
         resample_dir=WF.stage_dir("resample"),
         folder=WF.stage_dir("train"),
@@ -20,4 +16,4 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "medseg train --config {CFG} --manifest {input.manifest} --resample-dir {params.resample_dir} --output-dir {params.folder} --threads {threads} > {log} 2>&1"
+        "medseg train --config {params.config} --manifest {input.manifest} --resample-dir {params.resample_dir} --output-dir {params.folder} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.cli import main
+from medseg.config import Config, load_config, validate_config
+from medseg.errors import ConfigError
+
+
+def test_every_shipped_config_validates(repo: Path) -> None:
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), Config)
+
+
+def test_default_yaml_equals_the_model_defaults(repo: Path) -> None:
+    # configs/default.yaml documents the defaults; it must not drift from them.
+    assert load_config(repo / "configs" / "default.yaml") == Config()
+
+
+def test_misspelt_section_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        validate_config({"trian": {"epochs": 3}}, "x.yaml")
+
+
+def test_bad_value_is_named_with_its_dotted_key() -> None:
+    with pytest.raises(ConfigError, match=r"train\.learning_rate.*'fast'"):
+        validate_config({"train": {"learning_rate": "fast"}}, "x.yaml")
+
+
+def test_nested_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'resample\.target_spacing'"):
+        validate_config({"resample": {"target_spacing": [1, 1, 1]}})
+
+
+@pytest.mark.parametrize("bad", [{"trian": {"epochs": 2}}, {"train": {"learning_rate": "fast"}}])
+def test_cli_exits_nonzero_naming_the_key(tmp_path: Path, bad: dict, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["check-config", "--config", str(path)]) == 1
+    key = "trian" if "trian" in bad else "train.learning_rate"
+    assert key in caplog.text and str(path) in caplog.text
+
+
+def test_digest_changes_with_config_and_sections_are_independent() -> None:
+    a, b = Config(), validate_config({"train": {"epochs": 3}})
+    assert a.digest() != b.digest()
+    assert a.section_digest("train") != b.section_digest("train")
+    assert a.section_digest("resample") == b.section_digest("resample")
