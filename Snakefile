@@ -1,10 +1,10 @@
 # medseg workflow: demo-data -> ingest -> resample -> train -> infer -> postprocess -> evaluate.
 # Thin by design: validate the config, include one rule file per stage, define `all`. Paths and target
 # lists live in medseg/workflow.py, where pytest reaches them.
-from medseg.workflow import Workflow
+from medseg.workflow import Workflow, after_checkpoint
 
 
-configfile: "configs/default.yaml"
+configfile: workflow.source_path("configs/default.yaml")
 
 
 WF = Workflow.from_snakemake(config)
@@ -18,6 +18,8 @@ include: "pipelines/train.smk"
 include: "pipelines/infer.smk"
 include: "pipelines/postprocess.smk"
 include: "pipelines/evaluate.smk"
+include: "pipelines/report.smk"
+include: "pipelines/predict.smk"
 
 
 rule all:

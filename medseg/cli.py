@@ -76,6 +76,14 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.train.run import run_plan
+
+    plan = run_plan(cfg, Path(args.manifest), Path(args.output))
+    log.info("plan written to %s: train settings %s", args.output, plan["train"])
+    return 0
+
+
 def _infer(cfg: Config, args: argparse.Namespace) -> int:
     import torch
 
@@ -89,7 +97,26 @@ def _infer(cfg: Config, args: argparse.Namespace) -> int:
 def _postprocess(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.postprocess.run import run
 
-    run(cfg, Path(args.input), Path(args.output))
+    run(cfg, Path(args.input), Path(args.output), Path(args.plan) if args.plan else None)
+    return 0
+
+
+def _postprocess_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.postprocess.run import plan_run
+
+    decision = plan_run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output), split=args.split)
+    log.info(
+        "keep-largest on %s (mean %s Dice %s -> %s over %d case(s)); decision in %s",
+        decision["keep_largest"] or "no class",
+        args.split,
+        decision.get("mean_dice_before"),
+        decision.get("mean_dice_after"),
+        decision["n_cases"],
+        args.output,
+    )
+    if decision.get("failures"):
+        log.error("%d case(s) left out, see %s", len(decision["failures"]), args.output)
+        return 0 if args.skips_ok else EXIT_SKIPPED
     return 0
 
 
@@ -100,8 +127,60 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> int:
     summary = run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output_dir), run_json)
     log.info("mean foreground Dice over %d test patient(s): %s", summary["n_patients"], summary["mean_foreground_dice"])
     for name, entry in summary["per_class"].items():
-        log.info("  %s: Dice %s, IoU %s, boundary F1 %s", name, *(entry[m]["mean"] for m in ("dice", "iou", "boundary_f1")))
+        log.info(
+            "  %s: Dice %s, IoU %s, boundary F1 %s, surface Dice %s, HD95 %s mm, MSD %s mm",
+            name,
+            *(entry[m]["mean"] for m in ("dice", "iou", "boundary_f1", "surface_dice", "hd95_mm", "msd_mm")),
+        )
     log.info("metrics: %s", Path(args.output_dir) / "metrics.tsv")
+    if cfg.tracking.uri.startswith("sqlite:"):
+        log.info("dashboard: mlflow ui --backend-store-uri %s --port 5000", cfg.tracking.uri)
+    if summary["failures"]:
+        log.error("%d patient(s) could not be scored, see summary.json", len(summary["failures"]))
+        return 0 if args.skips_ok else EXIT_SKIPPED
+    return 0
+
+
+def _predict(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.predict.run import run, write_plan
+
+    if args.plan:
+        jobs = write_plan(cfg, Path(args.input), Path(args.output))
+        log.info("%d eligible series listed in %s", len(jobs), Path(args.output) / "series.tsv")
+        return 0
+    if not args.model:
+        raise MedsegError("medseg predict needs --model (a checkpoint, an MLflow run id or a runs:/ URI)")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = run(cfg, args.model, Path(args.input), Path(args.output), args.series_id, track=_track)
+    failed = sum(1 for r in result.records if r["status"] == "failed")
+    log.info(
+        "%d series: %d predicted now, %d done before, %d failed; summary %s",
+        len(result.records),
+        result.predicted,
+        sum(1 for r in result.records if r["status"] == "done"),
+        failed,
+        Path(args.output) / "summary.tsv",
+    )
+    if result.records and failed == len(result.records):
+        return EXIT_ERROR
+    return EXIT_SKIPPED if result.failures and not args.skips_ok else 0
+
+
+def _report(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.report.run import run
+
+    path = run(
+        cfg,
+        metrics=Path(args.metrics),
+        output=Path(args.output),
+        history=Path(args.history) if args.history else None,
+        manifest=Path(args.manifest) if args.manifest else None,
+        predictions=Path(args.predictions) if args.predictions else None,
+        run_json=Path(args.run_json) if args.run_json else None,
+    )
+    log.info("report written to %s", path)
     return 0
 
 
@@ -135,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-id", default=None, help="one patient (default: every patient in the manifest)")
     p.add_argument("--output-dir", required=True)
 
+    p = command("plan", _plan, "fingerprint the training data and write the resolved plan (read it, override it)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--output", required=True, help="plan JSON to write")
+
     p = command("train", _train, "train a U-Net on the manifest's train split, validate on val")
     p.add_argument("--manifest", required=True)
     p.add_argument("--resample-dir", required=True)
@@ -147,15 +230,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
 
-    p = command("postprocess", _postprocess, "remove connected components below postprocess.min_component_mm3")
+    p = command("postprocess", _postprocess, "per-class clean-up: small components, largest N, holes")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--plan", default=None, help="decision JSON of `medseg postprocess-plan` to apply as well")
 
-    p = command("evaluate", _evaluate, "Dice, IoU and boundary F1 per test patient and class")
+    p = command(
+        "postprocess-plan",
+        _postprocess_plan,
+        "decide keep-largest per class from validation predictions (nnU-Net's rule); write the decision JSON",
+    )
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--predictions", required=True, help="folder of <patient_id>.nii.gz, before post-processing")
+    p.add_argument("--output", required=True, help="decision JSON to write")
+    p.add_argument("--split", default="val", help="manifest split to decide on (default: %(default)s)")
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some cases were left out")
+
+    p = command("evaluate", _evaluate, "overlap, boundary and distance metrics per test patient and class")
     p.add_argument("--manifest", required=True)
     p.add_argument("--predictions", required=True, help="folder of <patient_id>.nii.gz")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--run-json", default=None, help="run.json of training: log into its MLflow run")
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients could not be scored")
+
+    p = command("predict", _predict, "new scans in; per eligible series a NIfTI, a DICOM-SEG and a QC picture out")
+    p.add_argument("--model", default=None, help="checkpoint file, MLflow run id, or runs:/<run id>/train/model.pt")
+    p.add_argument("--input", required=True, help="folder of DICOM series (any layout) and/or NIfTI files")
+    p.add_argument("--output", required=True)
+    p.add_argument("--series-id", action="append", default=None, help="only this series (repeatable)")
+    p.add_argument("--plan", action="store_true", help="only list the eligible series into <output>/series.tsv")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some series failed")
+
+    p = command("report", _report, "one self-contained HTML page: config, metrics, box plots, worst cases, curves")
+    p.add_argument("--metrics", required=True, help="metrics.tsv of `medseg evaluate`")
+    p.add_argument("--output", required=True, help="the HTML file to write")
+    p.add_argument("--history", default=None, help="history.tsv of `medseg train`")
+    p.add_argument("--manifest", default=None, help="manifest, for the worst patients' images and references")
+    p.add_argument("--predictions", default=None, help="folder of <patient_id>.nii.gz, for the QC pictures")
+    p.add_argument("--run-json", default=None, help="run.json of training: log the report into its MLflow run")
 
     command("check-config", _check_config, "validate a config and print it fully resolved")
     return parser

@@ -61,6 +61,9 @@ class SeriesRuleConfig(_Section):
     description_include: str | None = Field(None, description="regex a SeriesDescription must match")
     description_exclude: str | None = Field(None, description="regex a SeriesDescription must not match")
     min_slices: int = Field(3, ge=1)
+    exclude_derived: bool = Field(
+        True, description="skip series whose ImageType is DERIVED (crops, reformats, maps): not acquisitions"
+    )
 
 
 class IngestConfig(_Section):
@@ -73,12 +76,19 @@ class IngestConfig(_Section):
     id_map_file: Path | None = Field(None, description="if set, the pseudonym -> source id map is written here")
     slice_tolerance_mm: float = Field(0.05, gt=0, description="allowed deviation of slice steps")
     label_tolerance_mm: float = Field(0.01, gt=0, description="allowed grid mismatch of a label and its image")
+    label_overlap: Literal["refuse", "last_wins"] = Field(
+        "refuse",
+        description="DICOM-SEG/RTSTRUCT segments that overlap: refuse the label, or let the higher segment win",
+    )
 
 
 class ResampleConfig(_Section):
     target_spacing_mm: Triple = (1.6, 1.6, 2.5)
     normalization: Literal["ct", "zscore"] = "ct"
     ct_clip_hu: tuple[float, float] = (-200.0, 300.0)
+    label_interpolation: Literal["nearest", "onehot_linear"] = Field(
+        "nearest", description="labels: nearest neighbour, or one-hot linear then argmax (smoother on coarse grids)"
+    )
 
     @field_validator("target_spacing_mm")
     @classmethod
@@ -88,44 +98,206 @@ class ResampleConfig(_Section):
         return value
 
 
+class AugmentConfig(_Section):
+    """Training augmentation (nnU-Net's recipe by default). Spatial transforms move image and mask together."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1, description="mirroring, per axis")
+    rotation_prob: float = Field(0.2, ge=0, le=1)
+    rotation_deg: float = Field(30.0, ge=0, le=180, description="+/- range; 3D: every axis, 2D: in-plane")
+    scale_prob: float = Field(0.2, ge=0, le=1)
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    elastic_prob: float = Field(0.0, ge=0, le=1, description="elastic deformation (3D only; off in nnU-Net)")
+    noise_prob: float = Field(0.1, ge=0, le=1)
+    noise_std: float = Field(0.1, ge=0)
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    brightness_prob: float = Field(0.15, ge=0, le=1)
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_prob: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    low_resolution_prob: float = Field(0.25, ge=0, le=1)
+    gamma_prob: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+
 class TrainConfig(_Section):
-    network: Literal["unet"] = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
-    num_res_units: int = 2
-    loss: Literal["dice_ce", "dice_bce", "focal"] = "dice_ce"
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Training. Keys left ``null`` are resolved from the data plan (``plan.json``); a value here overrides it."""
+
+    network: Literal["dynunet", "unet", "segresnet"] = "dynunet"
+    spatial_dims: Literal[2, 3] = Field(3, description="2: the network sees XY slices (patch Z must be 1)")
+    channels: tuple[int, ...] | None = Field(None, description="features per level; null: from the plan")
+    strides: tuple[int | tuple[int, ...], ...] | None = Field(
+        None, description="down-sampling stride between levels (len(channels) - 1); null: from the plan"
+    )
+    kernel_sizes: tuple[int | tuple[int, ...], ...] | None = Field(
+        None, description="dynunet convolution kernel per level (len(channels)); null: from the plan"
+    )
+    num_res_units: int = Field(2, ge=0, description="unet only")
+    deep_supervision: bool = Field(True, description="dynunet only: losses on 2 coarser decoder outputs too")
+    loss: Literal["dice_ce", "dice_bce", "focal", "ce"] = "dice_ce"
+    dice_bce_alpha: float = Field(0.5, ge=0, le=1, description="dice_bce = alpha * Dice + (1 - alpha) * BCE")
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float | None = Field(None, ge=0, le=1, description="focal: weight of foreground, 1-alpha bg")
+    class_weights: tuple[float, ...] | None = Field(None, description="ce / dice_ce: CE weight per class incl. bg")
+    ignore_index: int | None = Field(None, description="ce / focal: label value of unlabelled voxels")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(3e-5, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1, description="sgd (Nesterov)")
+    schedule: Literal["poly", "cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of the run")
+    grad_clip_norm: float | None = Field(12.0, gt=0)
+    amp: bool = Field(True, description="mixed precision; CUDA only, ignored on CPU")
+    deterministic: bool = Field(False, description="deterministic algorithms (slower); always seeded")
     epochs: int = Field(40, ge=1)
     iterations_per_epoch: int = Field(20, ge=1)
-    batch_size: int = Field(2, ge=1)
-    patch_size_vox: tuple[int, int, int] = (48, 48, 24)
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-clock budget; the LR schedule then runs on elapsed time, not epochs"
+    )
+    batch_size: int | None = Field(None, ge=1, description="null: from the plan")
+    patch_size_vox: tuple[int, int, int] | None = Field(None, description="null: from the plan")
+    samples_per_volume: int = Field(1, ge=1, description="patches cut from one volume per draw")
+    foreground_fraction: float = Field(0.67, ge=0, le=1, description="share of patches centred on foreground")
+    augment: AugmentConfig = AugmentConfig()
     val_every_epochs: int = Field(5, ge=1)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without improvement"
+    )
+    folds: int | None = Field(None, ge=2, description="k-fold cross-validation over train+val patients")
+    fold: int = Field(0, ge=0, description="which fold validates when folds is set")
+    log_model: bool = Field(True, description="log the best model to MLflow as an MLflow pytorch model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: Snakemake's threads")
 
     @model_validator(mode="after")
-    def _strides_match_channels(self) -> TrainConfig:
-        if len(self.strides) != len(self.channels) - 1:
+    def _consistent(self) -> TrainConfig:
+        if self.channels is not None and self.strides is not None and len(self.strides) != len(self.channels) - 1:
             raise ValueError("train.strides needs one entry fewer than train.channels")
+        if self.channels is not None and self.kernel_sizes is not None and len(self.kernel_sizes) != len(self.channels):
+            raise ValueError("train.kernel_sizes needs one entry per train.channels")
+        if self.spatial_dims == 2 and self.patch_size_vox is not None and self.patch_size_vox[2] != 1:
+            raise ValueError("train.spatial_dims 2 needs train.patch_size_vox [X, Y, 1]")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"train.fold must be below train.folds ({self.folds})")
+        if self.ignore_index is not None and self.loss not in ("ce", "focal"):
+            raise ValueError("train.ignore_index works with loss ce or focal only")
         return self
 
 
+class PlanConfig(_Section):
+    """How the data plan (``medseg plan``, also run by ``medseg train``) turns the fingerprint into settings."""
+
+    max_patch_voxels: int = Field(160_000, ge=4096, description="patch budget; nnU-Net's GPU patches are ~10x larger")
+    max_batch_voxels: int = Field(
+        200_000, ge=4096, description="batch_size * patch voxels stays below this (CPU-sized; raise it on a GPU)"
+    )
+    base_features: int | None = Field(
+        None,
+        ge=4,
+        description="features of the first level; null: 32 on a GPU (nnU-Net), 8 on a CPU where iterations are scarce",
+    )
+    max_features: int = Field(256, ge=8)
+    min_feature_map_vox: int = Field(4, ge=2, description="stop down-sampling an axis below this size")
+    max_cases: int = Field(200, ge=1, description="fingerprint at most this many training cases")
+
+
 class InferConfig(_Section):
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    """Sliding-window prediction and the way back to the scan's original grid."""
+
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="window overlap (nnU-Net 0.5; MONAI's default 0.25)")
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
-    sw_batch_size: int = Field(4, ge=1)
+    sw_batch_size: int | None = Field(
+        None, ge=1, description="windows per forward pass; null: sized to the device (CPU 8, CUDA from free memory)"
+    )
+    mirror: bool = Field(False, description="mirroring test-time augmentation: average over flips of mirror_axes")
+    mirror_axes: tuple[int, ...] = Field((0, 1, 2), description="array axes to flip; all 2^n combinations are used")
+    resample_memory_mb: float = Field(
+        128.0, gt=0, description="working memory of the resampling back to the original grid, done in slabs"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value) or any(a not in (0, 1, 2) for a in value):
+            raise ValueError("mirror_axes must be distinct spatial axes among 0, 1, 2")
+        return value
+
+
+class ClassPostprocessConfig(_Section):
+    """Overrides for one class; an unset key falls back to the ``postprocess`` section's value."""
+
+    min_component_mm3: float | None = Field(None, ge=0.0)
+    keep_largest_n: int | None = Field(None, ge=0)
+    fill_holes: bool | None = None
 
 
 class PostprocessConfig(_Section):
-    min_component_mm3: float = Field(50.0, ge=0.0)
+    """Connected-component clean-up, applied in this order: small components, largest N, holes."""
+
+    min_component_mm3: float = Field(50.0, ge=0.0, description="components smaller than this become background")
+    keep_largest_n: int = Field(0, ge=0, description="keep the N largest components of a class; 0 keeps all")
+    fill_holes: bool = Field(False, description="fill cavities enclosed by one class")
+    per_class: dict[str, ClassPostprocessConfig] = Field(
+        default_factory=dict, description="overrides by class name, e.g. {organ_b: {keep_largest_n: 1}}"
+    )
 
 
 class EvaluateConfig(_Section):
-    boundary_tolerance_mm: float = Field(2.0, gt=0.0)
+    boundary_tolerance_mm: float = Field(2.0, gt=0.0, description="tolerance of boundary F1")
+    surface_dice_tolerance_mm: float = Field(2.0, gt=0.0, description="tolerance of normalised surface Dice")
+    hausdorff_percentile: float = Field(95.0, gt=0.0, le=100.0, description="95 gives HD95")
+
+
+class CodeConfig(_Section):
+    """A coded concept (DICOM: CodeValue, CodingSchemeDesignator, CodeMeaning), e.g. a SNOMED CT term."""
+
+    value: str
+    scheme: str = "SCT"
+    meaning: str
+
+
+TISSUE_CODE = CodeConfig(value="85756007", scheme="SCT", meaning="Tissue")
+
+
+class SegmentConfig(_Section):
+    """How one class appears as a segment of the DICOM-SEG and in the QC pictures."""
+
+    label: str | None = Field(None, description="segment name shown in viewers; default: the class name")
+    color_rgb: tuple[int, int, int] | None = Field(None, description="0-255 RGB; default: from a fixed palette")
+    category: CodeConfig = Field(TISSUE_CODE, description="DICOM SegmentedPropertyCategoryCodeSequence")
+    type: CodeConfig = Field(TISSUE_CODE, description="DICOM SegmentedPropertyTypeCodeSequence")
+
+    @field_validator("color_rgb")
+    @classmethod
+    def _rgb_range(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and any(not 0 <= v <= 255 for v in value):
+            raise ValueError("every colour component must be within 0-255")
+        return value
+
+
+class PredictConfig(_Section):
+    """`medseg predict`: a folder of new scans in; NIfTI, DICOM-SEG and a QC picture per series out."""
+
+    input_dir: Path | None = Field(None, description="folder of new scans for the workflow's predict_all target")
+    model: str | None = Field(
+        None, description="checkpoint, MLflow run id or runs:/ URI for predict_all; default: the workflow's model"
+    )
+    segments: dict[str, SegmentConfig] = Field(
+        {}, description="per class name: segment label, colour and codes; a class left out gets defaults"
+    )
+    qc_slices: int = Field(5, ge=1, le=12, description="slices shown in each QC picture")
+    seg_series_number: int = Field(9900, ge=1, description="SeriesNumber of the DICOM-SEG objects written")
+    seg_series_description: str = Field("medseg segmentation", max_length=64)
+    manufacturer: str = Field("medseg", description="written as the DICOM-SEG's Manufacturer")
+
+
+class ReportConfig(_Section):
+    """`medseg report`: one self-contained HTML page per run."""
+
+    worst_patients: int = Field(3, ge=0, description="how many of the worst patients get QC pictures")
+    worst_metric: str = Field("dice", description="metrics.tsv column that ranks patients (mean over classes)")
+    metrics: list[str] | None = Field(None, description="metrics.tsv columns to plot; default: every numeric one")
 
 
 class TrackingConfig(_Section):
@@ -143,10 +315,13 @@ class Config(_Section):
     demo_data: DemoDataConfig = DemoDataConfig()
     ingest: IngestConfig = IngestConfig()
     resample: ResampleConfig = ResampleConfig()
+    plan: PlanConfig = PlanConfig()
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    predict: PredictConfig = PredictConfig()
+    report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @property

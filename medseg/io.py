@@ -88,7 +88,7 @@ def read_tsv(path: str | Path) -> list[dict[str, str]]:
 
 
 def read_volume(path: str | Path, kind: type[V]) -> V:
-    """Read a NIfTI (or anything nibabel reads) as an :class:`Image` or :class:`Label`.
+    """Read a NIfTI (or anything nibabel reads), NRRD or MetaImage as an :class:`Image` or :class:`Label`.
 
     Args:
         path: the file.
@@ -102,9 +102,12 @@ def read_volume(path: str | Path, kind: type[V]) -> V:
     """
     path = Path(path)
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt files
+        if path.name.lower().endswith(ITK_SUFFIXES):
+            data, affine = _read_itk(path)
+        else:
+            img = nib.load(str(path))
+            data, affine = np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # nibabel and SimpleITK raise many types for corrupt files
         raise ImageReadError(f"{path}: cannot read as an image ({type(err).__name__}: {err})") from err
     if data.ndim == 3:
         data = data[None]
@@ -112,7 +115,6 @@ def read_volume(path: str | Path, kind: type[V]) -> V:
         data = np.moveaxis(data, -1, 0)
     else:
         raise ImageReadError(f"{path}: expected a 3D volume, got {data.ndim} dimensions {data.shape}")
-    affine = np.asarray(img.affine, dtype=np.float64)
     if issubclass(kind, Label):
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
@@ -123,6 +125,24 @@ def read_volume(path: str | Path, kind: type[V]) -> V:
     else:
         data = data.astype(np.float32)
     return kind(data, affine)
+
+
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD and MetaImage through SimpleITK (nibabel reads neither): ``(array (X, Y, Z[, C]), RAS affine)``."""
+    import SimpleITK as sitk  # noqa: N813 (its usual name); imported here so NIfTI-only users never load it
+
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3:
+        raise ImageReadError(f"{path}: expected a 3D volume, got {image.GetDimension()} dimensions")
+    data = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) in ITK's order
+    data = np.moveaxis(data, (0, 1, 2), (2, 1, 0))
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS, NIfTI in RAS
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:

@@ -18,6 +18,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig
+from medseg.errors import MedsegError
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +96,62 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 def client(config: TrackingConfig) -> MlflowClient:
     """A client on the configured backend, for reading runs back (tests, reports)."""
     return MlflowClient(tracking_uri=_uri(config))
+
+
+def download_artifact(
+    config: TrackingConfig,
+    destination: Path,
+    *,
+    run_id: str | None = None,
+    artifact_path: str | None = None,
+    artifact_uri: str | None = None,
+) -> Path:
+    """Download one artifact (a file or folder) of a run: by ``run_id`` and ``artifact_path``, or by a URI
+    such as ``runs:/<run id>/train/model.pt``.
+
+    Returns:
+        The local path of the downloaded file or folder, below ``destination``.
+
+    Raises:
+        MedsegError: the run or the artifact does not exist, or the backend cannot be reached.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            dst_path=str(destination),
+            tracking_uri=_uri(config),
+        )
+    except Exception as err:  # MlflowException, OSError and backend-specific errors alike
+        what = artifact_uri or f"artifact {artifact_path} of run {run_id}"
+        raise MedsegError(f"cannot download {what} from {config.uri}: {type(err).__name__}: {err}") from err
+    return Path(local)
+
+
+def log_pytorch_model(model: Any, input_example: Any, output_example: Any, name: str = "model") -> None:
+    """Log a torch module as an MLflow pytorch model with its signature and input example.
+
+    Requirements are pinned from the running versions, so MLflow does not spend a minute inferring them.
+    """
+    import mlflow.pytorch
+    import monai
+    import torch
+    from mlflow.models import infer_signature
+
+    mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=infer_signature(input_example, output_example),
+        input_example=input_example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+    )
+
+
+def run_status(config: TrackingConfig, run_id: str) -> str | None:
+    """The status of a run (``RUNNING``, ``FINISHED``, ``FAILED``...), or ``None`` if the backend lacks it."""
+    try:
+        return client(config).get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None

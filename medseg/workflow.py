@@ -7,12 +7,13 @@ every rule passes that file to its ``medseg`` command.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, validate_config
-from medseg.io import write_text
+from medseg.io import read_tsv, write_text
 from medseg.manifest import read_manifest, select
 
 
@@ -64,4 +65,48 @@ class Workflow:
 
     def final_targets(self) -> list[str]:
         d = self.stage_dir("evaluate")
-        return [str(d / "metrics.tsv"), str(d / "summary.json")]
+        return [str(d / "metrics.tsv"), str(d / "summary.json"), str(self.report_file), *self.predict_targets()]
+
+    @property
+    def report_file(self) -> Path:
+        return self.stage_dir("report") / "report.html"
+
+    @property
+    def predict_dir(self) -> Path:
+        return self.stage_dir("predict")
+
+    @property
+    def predict_plan(self) -> Path:
+        """``series.tsv``: the eligible series below ``predict.input_dir``, one job each."""
+        return self.predict_dir / "series.tsv"
+
+    @property
+    def predict_model(self) -> str:
+        """What ``--model`` gets: ``predict.model`` if set, else the model this workflow trains."""
+        return self.config.predict.model or str(self.stage_dir("train") / "model.pt")
+
+    def predict_model_inputs(self) -> list[str]:
+        """The model as a rule input when it is a local file (an MLflow run id or URI is not a file)."""
+        model = self.predict_model
+        return [model] if self.config.predict.model is None or Path(model).suffix == ".pt" else []
+
+    def predict_record(self, series_id: str) -> str:
+        return str(self.predict_dir / "records" / f"{series_id}.json")
+
+    def predict_records(self) -> list[str]:
+        """One record per series of the plan (call after the predict_plan checkpoint)."""
+        return [self.predict_record(r["series_id"]) for r in read_tsv(self.predict_plan)]
+
+    def predict_targets(self) -> list[str]:
+        """The summary of predicting ``predict.input_dir``; nothing when it is not set."""
+        return [str(self.predict_dir / "summary.tsv")] if self.config.predict.input_dir is not None else []
+
+
+def after_checkpoint(checkpoint: Any, targets: Callable[[], list[str]]) -> Callable[[Any], list[str]]:
+    """An input function for Snakemake: wait for ``checkpoint`` (the manifest exists), then list ``targets()``."""
+
+    def inputs(_wildcards: Any) -> list[str]:
+        checkpoint.get()
+        return targets()
+
+    return inputs

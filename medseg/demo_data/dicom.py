@@ -140,4 +140,3 @@ def _slice_dataset(
     ds.RescaleIntercept = f"{intercept:g}"
     ds.RescaleType = "HU"
     return ds
-

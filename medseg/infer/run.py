@@ -13,8 +13,8 @@ import torch
 
 from medseg.config import Config, validate_config
 from medseg.device import select_device
-from medseg.errors import ImageReadError
-from medseg.infer.functional import predict_probabilities, to_original_grid
+from medseg.errors import ConfigError, ImageReadError
+from medseg.infer.functional import predict_probabilities, to_original_grid_bounded
 from medseg.io import read_volume, write_volume
 from medseg.resample.functional import preprocess
 from medseg.train.networks import build_network
@@ -37,10 +37,26 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module,
 
 
 def predict(model: torch.nn.Module, trained: Config, image: Image, config: Config, device: torch.device) -> Label:
-    """Predict a canonical image; the label comes back on the image's own grid."""
+    """Predict a canonical image; the label comes back on the image's own grid.
+
+    Args:
+        model: the network from :func:`load_model`, on ``device``.
+        trained: the config it was trained with (preprocessing, patch size).
+        image: the scan ``(1, X, Y, Z)`` on its original grid.
+        config: the live config; only its ``infer`` section is used.
+        device: where the windows run.
+
+    Returns:
+        The uint8 label ``(1, X, Y, Z)`` with the image's affine. Memory beyond the input stays bounded: the
+        network works on the resampled grid and the way back goes slab by slab.
+    """
+    patch = trained.train.patch_size_vox
+    if patch is None:
+        raise ConfigError("the checkpoint's config has no train.patch_size_vox: it was not written by `medseg train`")
     prepared = preprocess(image, trained.resample)
-    probabilities = predict_probabilities(model, prepared, trained.train.patch_size_vox, config.infer, device)
-    return to_original_grid(probabilities, image.affine, image.spatial_shape)
+    probabilities = predict_probabilities(model, prepared, patch, config.infer, device)
+    del prepared
+    return to_original_grid_bounded(probabilities, image.affine, image.spatial_shape, config.infer.resample_memory_mb)
 
 
 def run(config: Config, checkpoint: Path, image_path: Path, output_path: Path) -> Path:

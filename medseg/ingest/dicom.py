@@ -8,7 +8,9 @@ JPEG 2000 / JPEG lossless) does the decoding; here we only order frames and chec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medseg.errors import GeometryError, ImageReadError
 from medseg.volume import Image
@@ -78,10 +81,10 @@ def frames_of(ds: Dataset) -> list[Frame]:
     frames = []
     for i, group in enumerate(per_frame):
 
-        def item(name: str, group: Dataset = group) -> Dataset:
+        def item(name: str, group: Dataset = group, number: int = i + 1) -> Dataset:
             seq = group.get(name) or shared.get(name)
             if not seq:
-                raise ImageReadError(f"multi-frame object lacks {name} for frame {i + 1}")
+                raise ImageReadError(f"multi-frame object lacks {name} for frame {number}")
             return seq[0]
 
         spacing = _floats(item("PixelMeasuresSequence").get("PixelSpacing"), 2, "PixelSpacing")
@@ -171,6 +174,116 @@ def stack_geometry(frames: Sequence[Frame], tolerance_mm: float) -> tuple[list[F
     return ordered, affine
 
 
+@dataclass(frozen=True)
+class SeriesVolume:
+    """A series read into a volume, with what label objects need to find their place on it.
+
+    Attributes:
+        image: the volume ``(1, columns, rows, slices)`` in real-world units with its RAS affine (not reoriented).
+        facts: non-identifying acquisition facts for the sidecar.
+        lps_affine: the same grid's affine in DICOM's LPS frame.
+        sop_instance_uids: the SOPInstanceUID of each slice, in slice order (for RTSTRUCT/SEG references).
+    """
+
+    image: Image
+    facts: dict[str, Any]
+    lps_affine: np.ndarray
+    sop_instance_uids: list[str]
+
+
+def _read_file(path: str | Path) -> list[Frame]:
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:
+        raise ImageReadError(f"{Path(path).name}: not a readable DICOM file ({err})") from err
+    try:
+        return frames_of(ds)
+    except ImageReadError as err:
+        raise ImageReadError(f"{Path(path).name}: {err}") from err
+
+
+UNCOMPRESSED_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _raw_pixels(ds: Dataset, shape: tuple[int, int]) -> np.ndarray | None:
+    """The stored values of a plain single-frame, uncompressed, little-endian grey image, else None.
+
+    Why our own path: pydicom's ``pixel_array`` costs about 1.4 ms per slice in option checks, most of the time
+    of reading an uncompressed series. Only the case that needs no bit masking or sign extension (BitsStored ==
+    BitsAllocated) takes this path; everything else goes through pydicom.
+    """
+    meta = getattr(ds, "file_meta", None)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if (
+        meta is None
+        or meta.get("TransferSyntaxUID") not in UNCOMPRESSED_LITTLE_ENDIAN
+        or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+        or int(ds.get("NumberOfFrames", 1) or 1) != 1
+        or bits not in (8, 16, 32)
+        or int(ds.get("BitsStored", 0) or 0) != bits
+        or "PixelData" not in ds
+    ):
+        return None
+    dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation', 0) or 0) else 'u'}{bits // 8}")
+    n = shape[0] * shape[1]
+    data = ds.PixelData
+    if len(data) < n * dtype.itemsize:
+        return None  # let pydicom name the problem
+    return np.frombuffer(data, dtype=dtype, count=n).reshape(shape)
+
+
+def _decode_into(frame: Frame, out: np.ndarray) -> None:
+    """Decode and rescale one frame straight into ``out`` ``(rows, columns)`` float32, without temporaries."""
+    stored = _raw_pixels(frame.dataset, frame.shape) if frame.index is None else None
+    if stored is None:
+        try:
+            stored = frame.dataset.pixel_array
+        except Exception as err:  # decoder errors come in many types
+            name = Path(frame.dataset.filename or "?").name
+            raise ImageReadError(f"{name}: cannot decode pixel data ({type(err).__name__}: {err})") from err
+        if frame.index is not None:
+            stored = stored[frame.index]
+    np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
+    if frame.intercept:
+        out += np.float32(frame.intercept)
+
+
+def load_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers: int | None = None) -> SeriesVolume:
+    """Read DICOM files of one series as a volume in RAS (not yet reoriented).
+
+    Each file is read once (header and pixel bytes together), in a thread pool so that file reading overlaps;
+    pydicom decodes compressed pixel data with pylibjpeg (openjpeg for JPEG 2000, libjpeg for JPEG lossless).
+
+    Args:
+        files: every file of the series, any order; classic single-frame or one multi-frame object.
+        tolerance_mm: see :func:`stack_geometry`.
+        workers: threads that read files; default ``min(4, CPU count)``.
+
+    Returns:
+        The volume, its LPS affine, the per-slice SOP instance UIDs and the acquisition facts.
+
+    Raises:
+        ImageReadError: a file cannot be read or decoded.
+        GeometryError: the slices do not form a regular grid.
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        frames = [f for file_frames in pool.map(_read_file, files) for f in file_frames]
+    ordered, lps_affine = stack_geometry(frames, tolerance_mm)
+    # Slices are stacked as (slice, row, column), each a contiguous block; the (1, X, Y, Z) volume is a transposed
+    # view of it. Writing each slice into a Z-last array instead costs a strided pass over the whole volume per
+    # slice (it was most of the reading time of an uncompressed series).
+    stack = np.empty((len(ordered), *ordered[0].shape), dtype=np.float32)
+    # Decoding stays in this thread: on our 2-core machines neither decoding threads (openjpeg gave no speed-up)
+    # nor a process pool (it lost more to pickling slices than it won) beat a plain loop; see BENCHMARKS.md.
+    for k, frame in enumerate(ordered):
+        _decode_into(frame, stack[k])
+    volume = stack.transpose(2, 1, 0)[None]
+    uids = [str(f.dataset.get("SOPInstanceUID", "")) for f in ordered]
+    facts = acquisition_facts(ordered[0].dataset, lps_affine, volume.shape)
+    return SeriesVolume(Image(volume, LPS_TO_RAS @ lps_affine), facts, lps_affine, uids)
+
+
 def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05) -> tuple[Image, dict[str, Any]]:
     """Read DICOM files of one series as an image in RAS (not yet reoriented).
 
@@ -186,25 +299,8 @@ def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05) -> tupl
         ImageReadError: a file cannot be read or decoded.
         GeometryError: the slices do not form a regular grid.
     """
-    frames: list[Frame] = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception as err:
-            raise ImageReadError(f"{Path(path).name}: not a readable DICOM file ({err})") from err
-        try:
-            frames.extend(frames_of(ds))
-        except ImageReadError as err:
-            raise ImageReadError(f"{Path(path).name}: {err}") from err
-    ordered, lps_affine = stack_geometry(frames, tolerance_mm)
-    volume = np.empty((1, ordered[0].shape[1], ordered[0].shape[0], len(ordered)), dtype=np.float32)
-    for k, frame in enumerate(ordered):
-        try:
-            volume[0, :, :, k] = frame.pixels().T
-        except Exception as err:  # decoder errors come in many types
-            name = Path(frame.dataset.filename or "?").name
-            raise ImageReadError(f"{name}: cannot decode pixel data ({type(err).__name__}: {err})") from err
-    return Image(volume, LPS_TO_RAS @ lps_affine), acquisition_facts(ordered[0].dataset, lps_affine, volume.shape)
+    series = load_series(files, tolerance_mm)
+    return series.image, series.facts
 
 
 def acquisition_facts(ds: Dataset, lps_affine: np.ndarray, shape: Sequence[int]) -> dict[str, Any]:
@@ -223,7 +319,9 @@ def acquisition_facts(ds: Dataset, lps_affine: np.ndarray, shape: Sequence[int])
         "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         "source_shape": [int(s) for s in shape[1:]],
         "source_spacing_mm": [round(float(s), 5) for s in spacing],
-        "source_orientation_lps": [round(float(v), 6) for v in np.concatenate([lps_affine[:3, 0], lps_affine[:3, 1]])
-                                   / np.repeat(spacing[:2], 3)],
+        "source_orientation_lps": [
+            round(float(v), 6)
+            for v in np.concatenate([lps_affine[:3, 0], lps_affine[:3, 1]]) / np.repeat(spacing[:2], 3)
+        ],
         "source_affine_lps": np.round(lps_affine, 6).tolist(),
     }

@@ -5,8 +5,12 @@ Supported layouts, mixed freely:
 
 * DICOM files anywhere below the root, with or without ``.dcm``, grouped by StudyInstanceUID and
   SeriesInstanceUID (a DICOMDIR is ignored: the files themselves are the truth);
-* one folder per patient holding ``image.nii.gz`` (any NIfTI name) and a label whose name contains ``label``,
-  ``seg`` or ``mask``; a label beside a DICOM series in the same patient folder belongs to that series.
+* one folder per patient holding ``image.nii.gz`` (any NIfTI/NRRD/MHA name) and a label whose name contains
+  ``label``, ``seg`` or ``mask``; a label beside a DICOM series in the same patient folder belongs to that series;
+* DICOM-SEG and RTSTRUCT objects anywhere: each is attached to the case holding the series it references
+  (ReferencedSeriesSequence / RTReferencedSeriesSequence), whatever folder it lies in;
+* an MSD / nnU-Net dataset folder (``dataset.json`` beside ``imagesTr/``, ``labelsTr/``, optionally ``imagesTs/``,
+  ``labelsTs/``): one case per image, named by its file (MSD ``case.nii.gz`` or nnU-Net ``case_0000.nii.gz``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ IGNORED_NAMES = {"DICOMDIR", "LOCKFILE", "VERSION"}
 IGNORED_SUFFIXES = {".txt", ".md", ".json", ".csv", ".tsv", ".xml", ".html", ".pdf", ".png", ".jpg", ".zip"}
 IDENTITY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs")
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+LABEL_MODALITIES = {"SEG", "RTSTRUCT"}
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE", "REG", "DOC"}
 
 
@@ -42,6 +47,14 @@ class Series:
     series_number: int
     files: list[Path] = field(default_factory=list)
     frames: int = 0
+    image_type: tuple[str, ...] = ()
+    # For SEG and RTSTRUCT objects: the series and instances (slices) they were drawn on.
+    referenced_series: set[str] = field(default_factory=set)
+    referenced_instances: set[str] = field(default_factory=set)
+
+    @property
+    def is_label_object(self) -> bool:
+        return self.modality in LABEL_MODALITIES
 
     def name(self) -> str:
         """How the series is named in reports: number and description, never a UID."""
@@ -57,6 +70,7 @@ class Case:
     series: list[Series] = field(default_factory=list)
     nifti_image: Path | None = None
     nifti_label: Path | None = None
+    label_objects: list[Series] = field(default_factory=list)  # DICOM-SEG / RTSTRUCT referencing a series here
 
 
 @dataclass
@@ -70,16 +84,105 @@ def _is_volume_file(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def _references(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
+    """The series and instance UIDs a SEG or RTSTRUCT object says it was drawn on."""
+    series_uids: set[str] = set()
+    instances: set[str] = set()
+    for ref in ds.get("ReferencedSeriesSequence", []):  # DICOM-SEG
+        series_uids.add(str(ref.get("SeriesInstanceUID", "")))
+        instances.update(str(i.get("ReferencedSOPInstanceUID", "")) for i in ref.get("ReferencedInstanceSequence", []))
+    for frame_ref in ds.get("ReferencedFrameOfReferenceSequence", []):  # RTSTRUCT
+        for study in frame_ref.get("RTReferencedStudySequence", []):
+            for ref in study.get("RTReferencedSeriesSequence", []):
+                series_uids.add(str(ref.get("SeriesInstanceUID", "")))
+                instances.update(
+                    str(i.get("ReferencedSOPInstanceUID", "")) for i in ref.get("ContourImageSequence", [])
+                )
+    for roi in ds.get("ROIContourSequence", []):
+        for contour in roi.get("ContourSequence", []):
+            instances.update(
+                str(i.get("ReferencedSOPInstanceUID", "")) for i in contour.get("ContourImageSequence", [])
+            )
+    return series_uids - {""}, instances - {""}
+
+
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _strip_volume_suffix(name: str) -> str:
+    return re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd)$", "", name, flags=re.IGNORECASE)
+
+
+def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tuple[str, str]]]:
+    """Cases of an MSD / nnU-Net folder: ``imagesTr/`` paired with ``labelsTr/``, ``imagesTs/`` with ``labelsTs/``.
+
+    MSD names image and label alike (``case.nii.gz``); nnU-Net v2 adds a channel suffix to the image
+    (``case_0000.nii.gz``). Only single-channel cases are supported: a second channel is reported, not guessed.
+    """
+    cases: list[Case] = []
+    failures: list[tuple[str, str]] = []
+    for images_name, labels_name in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        images_dir, labels_dir = folder / images_name, folder / labels_name
+        if not images_dir.is_dir():
+            continue
+        labels = {
+            _strip_volume_suffix(p.name): p
+            for p in (labels_dir.iterdir() if labels_dir.is_dir() else [])
+            if _is_volume_file(p) and not p.name.startswith(".")
+        }
+        by_case: dict[str, list[Path]] = defaultdict(list)
+        for path in sorted(images_dir.iterdir()):
+            if not _is_volume_file(path) or path.name.startswith("."):
+                continue
+            stem = _strip_volume_suffix(path.name)
+            match = CHANNEL_SUFFIX.match(stem)
+            case_id = match["case"] if match and stem not in labels else stem
+            by_case[case_id].append(path)
+        for case_id, paths in by_case.items():
+            if len(paths) > 1:
+                failures.append((str(paths[0].relative_to(root)), f"{len(paths)} channels; one is supported"))
+                continue
+            cases.append(Case(case_id, "", nifti_image=paths[0], nifti_label=labels.pop(case_id, None)))
+        for path in labels.values():
+            failures.append((str(path.relative_to(root)), f"a label in {labels_name}/ without an image"))
+    return cases, failures
+
+
+def _series_key(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
+    """SeriesInstanceUID is unique on its own (some exports give each slice of a series another study UID);
+    without one, the folder, study and series number stand in."""
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if series_uid:
+        return ("uid", series_uid)
+    return (str(path.parent), f"{ds.get('StudyInstanceUID', '')}#{ds.get('SeriesNumber', '')}")
+
+
 def discover(root: Path) -> Discovery:
     """Group every readable file below ``root`` into cases.
 
-    Unreadable DICOM-looking files become failures; files of other kinds (text, pictures) are ignored.
+    Unreadable DICOM-looking files become failures; files of other kinds (text, pictures) are ignored. A SEG or
+    RTSTRUCT object is attached to the case of the series it references; one whose series is not in the input
+    is a failure.
     """
     failures: list[tuple[str, str]] = []
     identity: set[str] = set()
     series: dict[tuple[str, str], Series] = {}
     volumes: dict[str, dict[str, Path]] = defaultdict(dict)
+    cases: dict[tuple[str, str], Case] = {}
+    dataset_folders = sorted(
+        p.parent
+        for p in root.rglob("dataset.json")
+        if (p.parent / "imagesTr").is_dir() or (p.parent / "imagesTs").is_dir()
+    )
+    for folder in dataset_folders:
+        folder_cases, folder_failures = _dataset_folder_cases(folder, root)
+        failures.extend(folder_failures)
+        for case in folder_cases:
+            identity.add(case.patient_key)
+            cases[(str(folder.relative_to(root)), case.patient_key)] = case
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if any(folder in path.parents for folder in dataset_folders):
+            continue
         rel = path.relative_to(root)
         top = rel.parts[0] if len(rel.parts) > 1 else None
         if _is_volume_file(path):
@@ -111,28 +214,53 @@ def discover(root: Path) -> Discovery:
         identity.add(patient)
         if top:
             identity.add(top)
-        key = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
+        # Each SEG/RTSTRUCT file is its own label object, even where several share a series.
+        is_label = str(ds.get("Modality", "")) in LABEL_MODALITIES
+        key = ("object", str(path)) if is_label else _series_key(ds, path)
         if key not in series:
+            image_type = ds.get("ImageType") or ()
             series[key] = Series(
                 patient_key=patient,
-                study_uid=key[0],
-                series_uid=key[1],
+                study_uid=str(ds.get("StudyInstanceUID", "")),
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
                 modality=str(ds.get("Modality", "")),
                 description=str(ds.get("SeriesDescription", "")),
                 series_number=int(ds.get("SeriesNumber", 0) or 0),
+                image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
             )
-        series[key].files.append(path)
-        series[key].frames += int(ds.get("NumberOfFrames", 1) or 1)
-    cases: dict[tuple[str, str], Case] = {}
+        s = series[key]
+        s.files.append(path)
+        s.frames += int(ds.get("NumberOfFrames", 1) or 1)
+        if s.is_label_object:
+            referenced_series, referenced_instances = _references(ds)
+            s.referenced_series |= referenced_series
+            s.referenced_instances |= referenced_instances
+    label_objects = [s for s in series.values() if s.is_label_object]
     for s in series.values():
-        cases.setdefault((s.patient_key, s.study_uid), Case(s.patient_key, s.study_uid)).series.append(s)
+        if not s.is_label_object:
+            cases.setdefault((s.patient_key, s.study_uid), Case(s.patient_key, s.study_uid)).series.append(s)
+    # A SEG or RTSTRUCT belongs to the case holding the series it was drawn on, wherever it lies.
+    owner = {s.series_uid: case for case in cases.values() for s in case.series if s.series_uid}
+    for obj in label_objects:
+        targets = {id(owner[uid]): owner[uid] for uid in obj.referenced_series if uid in owner}
+        rel = str(obj.files[0].relative_to(root))
+        if len(targets) == 1:
+            next(iter(targets.values())).label_objects.append(obj)
+        elif not obj.referenced_series:
+            failures.append(
+                (rel, f"{obj.modality} object names no referenced series: cannot tell which image it labels")
+            )
+        elif not targets:
+            failures.append((rel, f"{obj.modality} object references a series that is not in the input folder"))
+        else:
+            failures.append((rel, f"{obj.modality} object references series of {len(targets)} different studies"))
     # A label beside a DICOM series in the same top-level folder belongs to that series' study.
     folder_cases: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for case_key, case in cases.items():
         for s in case.series:
-            rel = s.files[0].relative_to(root)
-            if len(rel.parts) > 1:
-                folder_cases[rel.parts[0]].add(case_key)
+            rel_path = s.files[0].relative_to(root)
+            if len(rel_path.parts) > 1:
+                folder_cases[rel_path.parts[0]].add(case_key)
     for key, files in volumes.items():
         if "image" in files:
             cases[(key, "")] = Case(key, "", nifti_image=files["image"], nifti_label=files.get("label"))
@@ -157,6 +285,8 @@ def rank_series(case: Case, rule: SeriesRuleConfig) -> tuple[list[Series], list[
             continue  # label objects and documents are handled elsewhere
         if s.modality not in rule.modalities:
             skipped.append((s, f"modality {s.modality} is not one of {rule.modalities}"))
+        elif rule.exclude_derived and "DERIVED" in s.image_type:
+            skipped.append((s, "ImageType DERIVED: a crop, reformat or map, not an acquisition (exclude_derived)"))
         elif s.frames < rule.min_slices:
             skipped.append((s, f"{s.frames} slices, fewer than min_slices={rule.min_slices}"))
         elif rule.description_include and not re.search(rule.description_include, s.description, re.I):

@@ -22,6 +22,9 @@ from medseg.io import write_text
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
+# Exports name files and folders by UIDs the headers do not always carry (a blank SOPInstanceUID in a file named
+# CT.1.2.840...): anything shaped like a DICOM UID is redacted, known or not.
+UID_SHAPE = re.compile(r"(?<![\w.])\d+(?:\.\d+){5,}(?![\w])")
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -65,9 +68,9 @@ class Redactor:
             self._pattern = re.compile("|".join(re.escape(v) for v in alternatives), re.IGNORECASE)
 
     def __call__(self, text: str) -> str:
-        if self._pattern is None:
-            return text
-        return self._pattern.sub(REDACTED, text)
+        if self._pattern is not None:
+            text = self._pattern.sub(REDACTED, text)
+        return UID_SHAPE.sub(REDACTED, text)
 
 
 class RedactingFilter(logging.Filter):

@@ -13,8 +13,9 @@ import numpy as np
 
 from medseg.config import Config
 from medseg.errors import GeometryError, ImageReadError, MedsegError
-from medseg.ingest.dicom import read_series
-from medseg.ingest.discover import Case, discover, rank_series
+from medseg.ingest.dicom import SeriesVolume, load_series
+from medseg.ingest.discover import Case, Series, discover, rank_series
+from medseg.ingest.labels import read_label_object
 from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
 from medseg.io import read_volume, to_canonical, write_json, write_text, write_tsv, write_volume
 from medseg.manifest import MANIFEST_COLUMNS, assign_splits
@@ -36,52 +37,131 @@ class IngestResult:
     series_report: list[dict[str, str]] = field(default_factory=list)
 
 
-def load_case_image(case: Case, config: Config, report: list[dict[str, str]], pid: str) -> tuple[Image, dict]:
-    """Read the case's image: the best eligible DICOM series that reads cleanly, else its NIfTI image."""
+def load_case_image(
+    case: Case, config: Config, report: list[dict[str, str]], pid: str
+) -> tuple[Image, dict[str, Any], SeriesVolume | None, Series | None]:
+    """Read the case's image: the best eligible DICOM series that reads cleanly, else its NIfTI/NRRD image.
+
+    A series that a SEG or RTSTRUCT of the case references goes first: the label decides which image it labels.
+
+    Returns:
+        ``(image, facts, volume, series)``: the chosen series read and as discovered (both None for a NIfTI/NRRD
+        image).
+    """
     if case.nifti_image is not None:
-        return read_volume(case.nifti_image, Image), {"source_format": "nifti"}
+        return read_volume(case.nifti_image, Image), {"source_format": _volume_format(case.nifti_image)}, None, None
     eligible, skipped = rank_series(case, config.ingest.series)
     for s, why in skipped:
         report.append({"patient_id": pid, "series": s.name(), "status": "skipped", "reason": why})
+    referenced = {uid for obj in case.label_objects for uid in obj.referenced_series}
+    eligible.sort(key=lambda s: s.series_uid not in referenced)  # stable: keeps the rule's order otherwise
     errors = []
     for s in eligible:
         try:
-            image, facts = read_series(s.files, config.ingest.slice_tolerance_mm)
+            series = load_series(s.files, config.ingest.slice_tolerance_mm)
         except MedsegError as err:
             errors.append(f"{s.name()}: {err}")
             report.append({"patient_id": pid, "series": s.name(), "status": "refused", "reason": str(err)})
             continue
+        if s.series_uid in referenced:
+            why = "referenced by a label object (SEG/RTSTRUCT) of the study"
+        else:
+            why = "first by the series rule: most slices, then lowest series number"
         for other in eligible:
             if other is not s and not any(r["series"] == other.name() for r in report):
-                reason = f"not chosen: {s.name()} has more slices" if other.frames < s.frames else "not chosen"
+                reason = f"not chosen: {s.name()} was ({why})"
                 report.append({"patient_id": pid, "series": other.name(), "status": "skipped", "reason": reason})
-        report.append({"patient_id": pid, "series": s.name(), "status": "chosen", "reason": "most slices"})
-        return image, {"source_format": "dicom", **facts}
+        report.append({"patient_id": pid, "series": s.name(), "status": "chosen", "reason": why})
+        return series.image, {"source_format": "dicom", **series.facts}, series, s
     if errors:
         raise ImageReadError("; ".join(errors))
     raise ImageReadError("no eligible image series (see the series report for why each was skipped)")
 
 
-def ingest_case(case: Case, pid: str, config: Config, out: Path, report: list[dict[str, str]]) -> dict[str, str]:
-    """Read, check and write one case. Returns its manifest row (without the split)."""
-    image, facts = load_case_image(case, config, report, pid)
+def _volume_format(path: Path) -> str:
+    name = path.name.lower()
+    return "nifti" if name.endswith((".nii", ".nii.gz")) else name.rsplit(".", 1)[-1]
+
+
+def load_case_label(
+    case: Case,
+    volume: SeriesVolume | None,
+    chosen: Series | None,
+    config: Config,
+    report: list[dict[str, str]],
+    failures: list[dict[str, str]],
+    pid: str,
+) -> tuple[Label | None, dict[str, Any]]:
+    """The case's label on its image's own grid (not yet reoriented), or None if it has none.
+
+    A SEG/RTSTRUCT that references the chosen series is read onto it; one that fails is refused (series report
+    and failures report) and the next is tried, so one broken object does not cost the case its image. A label
+    file (NIfTI/NRRD/MHA) is used when no label object applies.
+    """
+    for obj in sorted(case.label_objects, key=lambda o: (o.series_number, str(o.files[0]))):
+        name = f"{obj.name()} in {obj.files[0].name}"
+        if volume is None or chosen is None or chosen.series_uid not in obj.referenced_series:
+            report.append(
+                {"patient_id": pid, "series": name, "status": "skipped", "reason": "references a series not chosen"}
+            )
+            continue
+        try:
+            label, facts = read_label_object(
+                obj.files[0],
+                obj.modality,
+                volume,
+                config.ingest.label_tolerance_mm,
+                config.ingest.label_overlap,
+            )
+        except MedsegError as err:
+            report.append({"patient_id": pid, "series": name, "status": "refused", "reason": str(err)})
+            failures.append({"patient_id": pid, "source": obj.files[0].name, "reason": str(err)})
+            continue
+        report.append({"patient_id": pid, "series": name, "status": "label", "reason": "labels the chosen series"})
+        for other in case.label_objects:
+            if other is not obj and not any(r["series"].endswith(f" in {other.files[0].name}") for r in report):
+                other_name = f"{other.name()} in {other.files[0].name}"
+                reason = f"not used: {name} already labels the chosen series"
+                report.append({"patient_id": pid, "series": other_name, "status": "skipped", "reason": reason})
+        return label, facts
+    if case.nifti_label is not None:
+        return read_volume(case.nifti_label, Label), {"label_source": _volume_format(case.nifti_label)}
+    return None, {}
+
+
+def ingest_case(
+    case: Case,
+    pid: str,
+    config: Config,
+    out: Path,
+    report: list[dict[str, str]],
+    failures: list[dict[str, str]] | None = None,
+    redact: Callable[[str], str] = str,
+) -> dict[str, str]:
+    """Read, check and write one case. Returns its manifest row (without the split).
+
+    ``redact`` cleans free text that goes into the sidecar (a series description or segment name may hold a
+    patient's name: some sites type it there)."""
+    image, facts, volume, chosen = load_case_image(case, config, report, pid)
     facts["source_affine_ras"] = np.round(image.affine, 6).tolist()
     facts["source_shape"] = list(image.spatial_shape)
+    failures = failures if failures is not None else []
+    label, label_facts = load_case_label(case, volume, chosen, config, report, failures, pid)
+    facts.update(label_facts)
     image = to_canonical(image)
     row = {"patient_id": pid, "image": str(out / "images" / f"{pid}.nii.gz"), "label": ""}
-    label = None
-    if case.nifti_label is not None:
-        label = to_canonical(read_volume(case.nifti_label, Label))
+    if label is not None:
+        label = to_canonical(label)
+        source = case.nifti_label.name if case.nifti_label is not None else "label object"
         if not same_grid(image, label, config.ingest.label_tolerance_mm):
             raise GeometryError(
-                f"label {case.nifti_label.name} is not on its image's grid (tolerance "
-                f"{config.ingest.label_tolerance_mm} mm): image {describe_grid(image)}; label {describe_grid(label)}"
+                f"label {source} is not on its image's grid (tolerance "
+                f"{config.ingest.label_tolerance_mm} mm): image {describe_grid(image)}; label {describe_grid(label)}. "
+                "Labels are never resampled: export the label on the image's grid"
             )
         top = int(label.array.max())
         if top > len(config.classes):
-            raise ImageReadError(
-                f"label {case.nifti_label.name} holds class {top} but the config lists {len(config.classes)} classes"
-            )
+            raise ImageReadError(f"label {source} holds class {top} but the config lists {len(config.classes)} classes")
         label = Label(label.array, image.affine.copy())  # identical within tolerance; keep one affine
         row["label"] = str(out / "labels" / f"{pid}.nii.gz")
     facts["canonical_affine_ras"] = np.round(image.affine, 6).tolist()
@@ -89,8 +169,19 @@ def ingest_case(case: Case, pid: str, config: Config, out: Path, report: list[di
     write_volume(image, row["image"])
     if label is not None:
         write_volume(label, row["label"])
-    write_json(out / "sidecars" / f"{pid}.json", {"patient_id": pid, **facts})
+    write_json(out / "sidecars" / f"{pid}.json", {"patient_id": pid, **_redact_facts(facts, redact)})
     return row
+
+
+def _redact_facts(facts: dict[str, Any], redact: Callable[[str], str]) -> dict[str, Any]:
+    cleaned: dict[str, Any] = {}
+    for key, value in facts.items():
+        if isinstance(value, str) and key != "transfer_syntax":  # a transfer syntax UID is a standard, not a person
+            value = redact(value)
+        elif isinstance(value, dict):
+            value = {k: redact(v) if isinstance(v, str) else v for k, v in value.items()}
+        cleaned[key] = value
+    return cleaned
 
 
 def run(
@@ -123,8 +214,9 @@ def run(
         seen[subject] = seen.get(subject, 0) + 1
         pid = subject if per_subject[case.patient_key] == 1 else f"{subject}-{seen[subject]}"
         id_map.append({"patient_id": pid, "source_patient_id": case.patient_key})
+        n_failures = len(result.failures)
         try:
-            row = ingest_case(case, pid, config, output_dir, result.series_report)
+            row = ingest_case(case, pid, config, output_dir, result.series_report, result.failures, redact)
         except MedsegError as err:
             message = redact(str(err))
             log.error("patient %s skipped: %s", pid, message)
@@ -132,10 +224,16 @@ def run(
             continue
         row["subject_id"] = subject
         result.rows.append(row)
-        log.info("patient %s ingested", pid)
+        refused = len(result.failures) - n_failures
+        if refused:
+            log.warning("patient %s: %d label object(s) refused, see failures.tsv", pid, refused)
+        log.info("patient %s ingested%s", pid, " with a label" if row["label"] else "")
     for entry in result.series_report:
         entry["reason"] = redact(entry["reason"])
         entry["series"] = redact(entry["series"])
+    for entry in result.failures:
+        entry["source"] = redact(entry["source"])
+        entry["reason"] = redact(entry["reason"])
     assign_splits(result.rows, config.ingest.split)
     write_tsv(manifest_path, result.rows, MANIFEST_COLUMNS)
     write_tsv(output_dir / "failures.tsv", result.failures, ["patient_id", "source", "reason"])

@@ -1,16 +1,87 @@
-"""`medseg postprocess`: clean one predicted label."""
+"""`medseg postprocess`: clean one predicted label; `medseg postprocess-plan`: decide keep-largest per class from
+the validation predictions and write the decision to a JSON file that `medseg postprocess --plan` applies."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from medseg.config import Config
-from medseg.io import read_volume, write_volume
-from medseg.postprocess.functional import remove_small_components
-from medseg.volume import Label
+from medseg.errors import ConfigError, GeometryError, ManifestError, MedsegError
+from medseg.io import read_json, read_volume, write_json, write_volume
+from medseg.manifest import read_manifest, select
+from medseg.postprocess.functional import ClassRule, apply_rules, class_rules
+from medseg.postprocess.plan import plan, with_keep_largest
+from medseg.volume import Label, describe_grid, same_grid
+
+log = logging.getLogger(__name__)
 
 
-def run(config: Config, prediction: Path, output_path: Path) -> Path:
+def rules_with_plan(config: Config, plan_path: Path | None) -> dict[int, ClassRule]:
+    """The configured rules, plus keep-largest for the classes a plan file switched on.
+
+    Raises:
+        ConfigError: the plan is unreadable or names a class the config does not have.
+    """
+    rules = class_rules(config.postprocess, config.classes)
+    if plan_path is None:
+        return rules
+    try:
+        chosen = read_json(plan_path)["keep_largest"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"post-processing plan {plan_path} is unreadable: {err}; rerun `medseg postprocess-plan`"
+        ) from err
+    unknown = sorted(set(chosen) - set(config.classes))
+    if unknown:
+        raise ConfigError(
+            f"post-processing plan {plan_path} names unknown class(es) {unknown}; classes: {config.classes}"
+        )
+    return with_keep_largest(rules, [config.classes.index(name) + 1 for name in chosen])
+
+
+def run(config: Config, prediction: Path, output_path: Path, plan_path: Path | None = None) -> Path:
+    """Apply the per-class rules (and the plan's keep-largest decisions) to one label file."""
     label = read_volume(prediction, Label)
-    cleaned = remove_small_components(label, config.postprocess.min_component_mm3, config.num_classes)
-    return write_volume(cleaned, output_path)
+    return write_volume(apply_rules(label, rules_with_plan(config, plan_path)), output_path)
+
+
+def plan_run(
+    config: Config, manifest_path: Path, predictions_dir: Path, output_path: Path, split: str = "val"
+) -> dict[str, Any]:
+    """Decide keep-largest per class from the ``split`` patients' predictions and labels; write the decision.
+
+    A case whose prediction is missing or on the wrong grid is skipped and listed under ``failures``.
+
+    Raises:
+        ManifestError: the manifest has no labelled patients in ``split``.
+    """
+    entries = [e for e in select(read_manifest(manifest_path), split) if e.label is not None]
+    if not entries:
+        raise ManifestError(f"manifest {manifest_path} has no labelled '{split}' patients to plan post-processing on")
+    failures: list[dict[str, str]] = []
+
+    def cases() -> Iterator[tuple[str, Label, Label]]:
+        failures.clear()
+        for entry in entries:
+            try:
+                pred = read_volume(predictions_dir / f"{entry.patient_id}.nii.gz", Label)
+                ref = read_volume(entry.label, Label)  # type: ignore[arg-type]
+                if not same_grid(pred, ref, config.ingest.label_tolerance_mm):
+                    raise GeometryError(
+                        f"{entry.patient_id}: prediction not on the label grid: {describe_grid(pred)} vs {describe_grid(ref)}"
+                    )
+            except MedsegError as err:
+                log.error("%s: left out of the plan: %s", entry.patient_id, err)
+                failures.append({"patient_id": entry.patient_id, "reason": str(err)})
+                continue
+            yield entry.patient_id, pred, ref
+
+    decision = plan(cases, class_rules(config.postprocess, config.classes), config.classes)
+    decision["split"] = split
+    decision["failures"] = failures
+    decision["config_digest"] = config.section_digest("postprocess")
+    write_json(output_path, decision)
+    return decision

@@ -51,6 +51,38 @@ def resample_to_grid(volume: V, affine: np.ndarray, shape: Sequence[int]) -> V:
     return type(volume)(out.array, np.asarray(affine, dtype=np.float64))
 
 
+def label_to_grid_onehot(label: Label, affine: np.ndarray, shape: Sequence[int]) -> Label:
+    """A label onto another grid by one-hot linear interpolation, argmaxed (nnU-Net resamples masks this way).
+
+    Smoother than nearest neighbour where the grid gets coarser, and it never invents a label: every output voxel
+    holds one of the input's values. Classes are interpolated one at a time, keeping a running maximum, so memory
+    stays at two output-sized arrays whatever the number of classes. A tie goes to the lower class value.
+
+    Args:
+        label: ``(1, X, Y, Z)`` class indices.
+        affine: 4x4 RAS affine of the target grid.
+        shape: spatial shape of the target grid.
+
+    Returns:
+        The label on the target grid, same dtype.
+    """
+    best = np.full(tuple(int(s) for s in shape), -1.0, dtype=np.float32)
+    out = np.zeros(tuple(int(s) for s in shape), dtype=label.array.dtype)
+    for value in np.unique(label.array):
+        mask = Image((label.array == value).astype(np.float32), label.affine)
+        probability = resample_to_grid(mask, affine, shape).array[0]
+        take = probability > best
+        out[take] = value
+        best[take] = probability[take]
+    return Label(out[None], np.asarray(affine, dtype=np.float64))
+
+
+def label_to_spacing_onehot(label: Label, spacing_mm: Sequence[float]) -> Label:
+    """A label onto the grid :func:`resample_to_spacing` would give it, by one-hot linear interpolation."""
+    grid = resample_to_spacing(Image(np.zeros_like(label.array, dtype=np.float32), label.affine), spacing_mm)
+    return label_to_grid_onehot(label, grid.affine, grid.spatial_shape)
+
+
 def normalize(image: Image, config: ResampleConfig) -> Image:
     """Intensity normalisation.
 

@@ -14,7 +14,7 @@ from medseg.config import Config
 from medseg.errors import ManifestError
 from medseg.io import read_json, read_volume, write_json, write_volume
 from medseg.manifest import Entry
-from medseg.resample.functional import preprocess, resample_to_grid
+from medseg.resample.functional import label_to_grid_onehot, preprocess, resample_to_grid
 from medseg.volume import Image, Label
 
 
@@ -46,13 +46,24 @@ def run(config: Config, entry: Entry, output_dir: Path) -> dict[str, Path]:
     if entry.label is not None:
         label = read_volume(entry.label, Label)
         # Onto exactly the image's new grid, so image and label voxels correspond one to one.
-        write_volume(resample_to_grid(label, resampled.affine, resampled.spatial_shape), paths["label"])
+        if config.resample.label_interpolation == "onehot_linear":
+            on_grid = label_to_grid_onehot(label, resampled.affine, resampled.spatial_shape)
+        else:
+            on_grid = resample_to_grid(label, resampled.affine, resampled.spatial_shape)
+        write_volume(on_grid, paths["label"])
     write_volume(resampled, paths["image"])
     write_json(paths["record"], record)
     return paths
 
 
-def restore(volume: Image | Label, record_path: Path) -> Image | Label:
-    """Put a volume on the resampled grid back onto the scan's original grid recorded in ``record_path``."""
+def restore(volume: Image | Label, record_path: Path, label_interpolation: str = "nearest") -> Image | Label:
+    """Put a volume on the resampled grid back onto the scan's original grid recorded in ``record_path``.
+
+    A :class:`Label` goes back by nearest neighbour, or by one-hot linear interpolation (argmaxed) when
+    ``label_interpolation`` is ``onehot_linear``; an :class:`Image` linearly.
+    """
     record = read_json(record_path)
-    return resample_to_grid(volume, np.asarray(record["original_affine"]), record["original_shape"])
+    affine, shape = np.asarray(record["original_affine"]), record["original_shape"]
+    if isinstance(volume, Label) and label_interpolation == "onehot_linear":
+        return label_to_grid_onehot(volume, affine, shape)
+    return resample_to_grid(volume, affine, shape)

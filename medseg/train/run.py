@@ -1,40 +1,37 @@
-"""`medseg train`: train on the manifest's train patients, validate on its val patients, track in MLflow.
+"""`medseg train`: plan from the data, then train on the manifest's train patients, validate on its val patients
+(or on a fold of both with ``train.folds``), track everything in MLflow, resume after a crash.
 
-Outputs in the train folder: ``model.pt`` (best by validation Dice), ``last.pt``, ``history.tsv``,
-``config.yaml`` (resolved) and ``run.json`` (the MLflow run id later stages log into).
+Outputs in the train folder: ``plan.json`` (fingerprint, derived settings, the user's overrides), ``model.pt``
+(best by validation Dice), ``last.pt`` (everything needed to resume), ``history.tsv``, ``config.yaml`` (resolved),
+``folds.json`` (with ``train.folds``) and ``run.json`` (the MLflow run id later stages log into).
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
-from monai.metrics import DiceMetric
-from monai.utils import set_determinism
 
 from medseg import tracking
 from medseg.config import Config
 from medseg.device import select_device
 from medseg.errors import ManifestError
-from medseg.infer.functional import predict_probabilities
-from medseg.io import atomic_path, read_volume, write_json, write_text, write_tsv
-from medseg.manifest import manifest_digest, read_manifest, select
+from medseg.io import read_volume, write_json
+from medseg.manifest import Entry, manifest_digest, read_manifest, select
 from medseg.resample.run import output_paths
-from medseg.train.losses import build_loss
-from medseg.train.networks import build_network
-from medseg.train.transforms import train_transforms
+from medseg.train.loop import fit
+from medseg.train.plan import fingerprint, make_plan, overrides, resolve_train
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
 
 
-def _load(entries: list, resample_dir: Path) -> list[dict[str, Any]]:
+def _load(entries: list[Entry], resample_dir: Path) -> list[dict[str, Any]]:
     items = []
     for e in entries:
         paths = output_paths(resample_dir, e.patient_id)
@@ -50,123 +47,115 @@ def _load(entries: list, resample_dir: Path) -> list[dict[str, Any]]:
     return items
 
 
-def validate(
-    model: torch.nn.Module, items: list[dict[str, Any]], config: Config, device: torch.device
-) -> np.ndarray:
-    """Mean Dice per foreground class over the validation volumes (whole volumes, sliding windows)."""
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-    n = config.num_classes
-    for item in items:
-        probs = predict_probabilities(
-            model, Image(item["image"], np.eye(4)), config.train.patch_size_vox, config.infer, device
+def assign_folds(entries: list[Entry], folds: int, seed: int) -> dict[str, int]:
+    """Patient id -> fold, ``0 .. folds - 1``, by subject (all studies of a person in one fold), seeded."""
+    subjects = sorted({e.subject_id for e in entries})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    fold_of = {subjects[i]: rank % folds for rank, i in enumerate(order)}
+    return {e.patient_id: fold_of[e.subject_id] for e in entries}
+
+
+def split_entries(config: Config, entries: list[Entry], output_dir: Path) -> tuple[list[Entry], list[Entry]]:
+    """Training and validation patients: the manifest's split, or fold ``train.fold`` of ``train.folds`` over
+    its train and val patients together (the assignment is written to ``folds.json``)."""
+    cfg = config.train
+    train, val = select(entries, "train"), select(entries, "val")
+    if cfg.folds is None:
+        return train, val
+    pool = train + val
+    if len({e.subject_id for e in pool}) < cfg.folds:
+        raise ManifestError(f"train.folds {cfg.folds} needs at least that many subjects; the manifest has fewer")
+    assignment = assign_folds(pool, cfg.folds, cfg.seed)
+    write_json(
+        output_dir / "folds.json", {"folds": cfg.folds, "fold": cfg.fold, "seed": cfg.seed, "fold_of": assignment}
+    )
+    return [e for e in pool if assignment[e.patient_id] != cfg.fold], [
+        e for e in pool if assignment[e.patient_id] == cfg.fold
+    ]
+
+
+def plan_from_entries(config: Config, entries: list[Entry], device_type: str = "cpu") -> dict[str, Any]:
+    """Fingerprint the canonical (not yet resampled) images and labels of ``entries`` and derive the plan."""
+    chosen = entries[: config.plan.max_cases]
+    cases = ((read_volume(e.image, Image), read_volume(e.label, Label)) for e in chosen if e.label is not None)
+    plan = make_plan(fingerprint(cases, config.num_classes, seed=config.train.seed), config, device_type)
+    planned = plan["resample"]["target_spacing_mm"]
+    configured = config.resample.target_spacing_mm
+    if not np.allclose(planned, configured, rtol=0.15):
+        log.warning(
+            "resample.target_spacing_mm is %s; the data plan suggests %s (median spacing of the training cases)",
+            list(configured),
+            [round(s, 3) for s in planned],
         )
-        pred = torch.as_tensor(probs.array.argmax(0))
-        onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
-        onehot_true = torch.nn.functional.one_hot(torch.as_tensor(item["label"][0]).long(), n).movedim(-1, 0)[None]
-        metric(onehot_pred, onehot_true)
-    return metric.aggregate().cpu().numpy()
+    return plan
 
 
-def _save(path: Path, model: torch.nn.Module, config: Config, epoch: int, val_dice: float) -> None:
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "config": config.to_dict(),
-        "epoch": epoch,
-        "val_dice": val_dice,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+def resolve(config: Config, plan: dict[str, Any]) -> Config:
+    """The config with the train keys left null filled from the plan; the plan records what the user set."""
+    plan["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides(config.train).items()}
+    return config.model_copy(update={"train": resolve_train(config.train, plan)})
+
+
+def run_plan(config: Config, manifest_path: Path, output_path: Path) -> dict[str, Any]:
+    """`medseg plan`: write the resolved plan of the manifest's training patients to ``output_path``."""
+    entries = read_manifest(manifest_path)
+    train, _ = split_entries(config, entries, output_path.parent)
+    plan = plan_from_entries(config, train, select_device(config.train.device).type)
+    resolved = resolve(config, plan)
+    plan["resolved_train"] = resolved.train.model_dump(mode="json")
+    write_json(output_path, plan)
+    return plan
+
+
+def identity(config: Config, manifest_path: Path | None) -> str:
+    """What a resumable run is: the config plus the manifest's content."""
+    data = {"config": config.digest(), "manifest": manifest_digest(manifest_path) if manifest_path else None}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(config: Config, manifest_path: Path, resample_dir: Path, output_dir: Path, threads: int = 1) -> dict:
-    """Train and return a summary: best validation Dice and the MLflow run id."""
-    cfg = config.train
-    set_determinism(seed=cfg.seed)
-    torch.set_num_threads(cfg.num_threads or threads)
-    device = select_device(cfg.device)
+    """Plan, train (resuming from ``output_dir/last.pt`` if the same run was interrupted) and return a summary.
+
+    Raises:
+        ManifestError: no training patients, or a resampled file is missing.
+        DeviceError: ``train.device: cuda`` without a CUDA device.
+    """
+    device = select_device(config.train.device)
+    torch.set_num_threads(config.train.num_threads or threads)
+    output_dir.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(manifest_path)
-    train_entries, val_entries = select(entries, "train"), select(entries, "val")
+    train_entries, val_entries = split_entries(config, entries, output_dir)
     if not train_entries:
         raise ManifestError(f"manifest {manifest_path} has no training patients")
-    train_items, val_items = _load(train_entries, resample_dir), _load(val_entries, resample_dir)
-    loader = DataLoader(
-        Dataset(train_items, transform=train_transforms(cfg.patch_size_vox)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=0,
+    plan = plan_from_entries(config, train_entries, device.type)
+    resolved = resolve(config, plan)
+    plan["resolved_train"] = resolved.train.model_dump(mode="json")
+    write_json(output_dir / "plan.json", plan)
+    log.info(
+        "plan: patch %s, batch %d, %s %s, target spacing %s mm",
+        resolved.train.patch_size_vox,
+        resolved.train.batch_size,
+        resolved.train.network,
+        resolved.train.channels,
+        [round(s, 3) for s in plan["resample"]["target_spacing_mm"]],
     )
-    model = build_network(cfg, config.num_classes).to(device)
-    loss_fn = build_loss(cfg, config.num_classes)
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay
-        )
-    total_steps = cfg.epochs * cfg.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / "config.yaml", config.to_yaml())
-    history: list[dict[str, Any]] = []
-    best = -1.0
-    batches = itertools.cycle(loader)
-    with tracking.run(config.tracking, run_name=f"{config.dataset}-{config.digest()}") as run_id:
-        write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
-        tracking.log_params(config.to_dict())
-        tracking.set_tags(
-            {
-                "config_digest": config.digest(),
-                "manifest_sha256": manifest_digest(manifest_path),
-                "git_commit": tracking.git_commit(),
-                "device": str(device),
-            }
-        )
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            start, losses, samples = time.perf_counter(), [], 0
-            for _ in range(cfg.iterations_per_epoch):
-                batch = next(batches)
-                image, label = batch["image"].to(device), batch["label"].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(image), label)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss))
-                samples += image.shape[0]
-            seconds = time.perf_counter() - start
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": float(np.mean(losses)),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "seconds": seconds,
-                "samples_per_second": samples / seconds,
-            }
-            if val_items and (epoch % cfg.val_every_epochs == 0 or epoch == cfg.epochs):
-                dice = validate(model, val_items, config, device)
-                row["val_dice_mean"] = float(np.nanmean(dice))
-                for name, value in zip(config.classes, dice, strict=True):
-                    row[f"val_dice_{name}"] = float(value)
-                if row["val_dice_mean"] > best:
-                    best = row["val_dice_mean"]
-                    _save(output_dir / "model.pt", model, config, epoch, best)
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            history.append(row)
-            log.info(
-                "epoch %d/%d loss %.4f%s (%.1f s)",
-                epoch,
-                cfg.epochs,
-                row["train_loss"],
-                f" val Dice {row['val_dice_mean']:.3f}" if "val_dice_mean" in row else "",
-                seconds,
-            )
-        _save(output_dir / "last.pt", model, config, cfg.epochs, best)
-        if best < 0:  # no validation patients: the last model is the model
-            _save(output_dir / "model.pt", model, config, cfg.epochs, float("nan"))
-        columns = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
-        write_tsv(output_dir / "history.tsv", history, columns)
-        for name in ("model.pt", "config.yaml", "history.tsv"):
-            tracking.log_artifact(output_dir / name, "train")
-        tracking.log_artifact(manifest_path, "manifest")
-    return {"run_id": run_id, "best_val_dice": best}
+    train_items, val_items = _load(train_entries, resample_dir), _load(val_entries, resample_dir)
+    artifacts = [(output_dir / "plan.json", "train"), (manifest_path, "manifest")]
+    if (output_dir / "folds.json").exists() and config.train.folds:
+        artifacts.append((output_dir / "folds.json", "train"))
+    return fit(
+        resolved,
+        train_items,
+        val_items,
+        output_dir,
+        device,
+        identity=identity(config, manifest_path),
+        params={**resolved.to_dict(), "plan": {k: plan[k] for k in ("resample", "fingerprint")}},
+        tags={
+            "config_digest": config.digest(),  # the user's config; the plan-resolved one is resolved_config_digest
+            "resolved_config_digest": resolved.digest(),
+            "manifest_sha256": manifest_digest(manifest_path),
+            "git_commit": tracking.git_commit(),
+        },
+        artifacts=artifacts,
+    )

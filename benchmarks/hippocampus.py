@@ -1,0 +1,282 @@
+"""Hippocampus benchmark: medseg's defaults against a plain MONAI recipe, same data, same wall-clock budget.
+
+    python benchmarks/hippocampus.py --train-dir ../shared/data/hippocampus [--test-dir DIR] --minutes 15
+
+Trains on an MSD-layout folder (``imagesTr/``, ``labelsTr/``), scores an MSD-layout test folder (``imagesTs/``,
+``labelsTs/``) with medseg's infer and evaluate functions, and leaves ``metrics.tsv`` (one row per recipe x case
+x class) and ``summary.json`` in the working directory. Without ``--test-dir`` the fixed 20% of cases in
+``HOLDOUT`` (every 5th case of the sorted 208-case training folder) is held out for testing.
+
+Recipes, each given ``--minutes`` of training:
+- ``medseg``: ``medseg.train`` with its library defaults (data plan, DynUNet with deep supervision, Dice+CE,
+  AdamW with warm-up and cosine decay on the time budget, nnU-Net augmentation), MR per-case z-score.
+- ``monai``: a plain MONAI 3D UNet (16-128 channels), Dice+CE, Adam, flips and a light affine on whole volumes
+  padded to 48x64x48, per-case z-score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import Config, validate_config
+from medseg.device import select_device
+from medseg.evaluate.run import COLUMNS, score_patient, summarise
+from medseg.infer.run import load_model, predict
+from medseg.io import read_volume, write_json, write_tsv, write_volume
+from medseg.resample.functional import preprocess
+from medseg.train.loop import fit
+from medseg.train.plan import fingerprint, make_plan, resolve_train
+from medseg.volume import Image, Label
+
+log = logging.getLogger("hippocampus")
+
+CLASSES = ["anterior", "posterior"]
+HOLDOUT = [
+    "hippocampus_001",
+    "hippocampus_014",
+    "hippocampus_025",
+    "hippocampus_037",
+    "hippocampus_044",
+    "hippocampus_051",
+    "hippocampus_058",
+    "hippocampus_068",
+    "hippocampus_087",
+    "hippocampus_092",
+    "hippocampus_097",
+    "hippocampus_105",
+    "hippocampus_125",
+    "hippocampus_136",
+    "hippocampus_145",
+    "hippocampus_152",
+    "hippocampus_161",
+    "hippocampus_169",
+    "hippocampus_174",
+    "hippocampus_184",
+    "hippocampus_193",
+    "hippocampus_205",
+    "hippocampus_217",
+    "hippocampus_223",
+    "hippocampus_229",
+    "hippocampus_234",
+    "hippocampus_243",
+    "hippocampus_260",
+    "hippocampus_276",
+    "hippocampus_287",
+    "hippocampus_295",
+    "hippocampus_303",
+    "hippocampus_314",
+    "hippocampus_320",
+    "hippocampus_327",
+    "hippocampus_336",
+    "hippocampus_350",
+    "hippocampus_358",
+    "hippocampus_366",
+    "hippocampus_375",
+    "hippocampus_383",
+    "hippocampus_390",
+]
+N_VAL = 8  # medseg validates on the last 8 training cases (sorted) to pick its best checkpoint
+
+
+def msd_cases(folder: Path, images: str, labels: str) -> list[dict[str, Any]]:
+    """``[{"case", "image", "label"}]`` of an MSD folder, sorted by case name."""
+    cases = []
+    for image in sorted((folder / images).glob("*.nii.gz")):
+        if image.name.startswith("._"):
+            continue
+        case = image.name.removesuffix(".nii.gz").removesuffix("_0000")
+        label = folder / labels / f"{case}.nii.gz"
+        if label.exists():
+            cases.append({"case": case, "image": image, "label": label})
+    if not cases:
+        raise SystemExit(f"no labelled cases in {folder}/{images} + {folder}/{labels}")
+    return cases
+
+
+def base_config(workdir: Path, minutes: float) -> dict[str, Any]:
+    return {
+        "dataset": "hippocampus",
+        "classes": CLASSES,
+        "resample": {"normalization": "zscore", "target_spacing_mm": [1.0, 1.0, 1.0]},
+        "train": {
+            "max_minutes": minutes,
+            "epochs": 10_000,
+            "iterations_per_epoch": 20,
+            "val_every_epochs": 5,
+            "device": "auto",
+        },
+        "tracking": {
+            "uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+            "artifact_dir": str((workdir / "mlartifacts").resolve()),
+            "experiment": "hippocampus-benchmark",
+        },
+    }
+
+
+def train_medseg(train: list[dict], workdir: Path, minutes: float) -> Path:
+    """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``."""
+    raw = base_config(workdir, minutes)
+    config = validate_config(raw, "hippocampus benchmark")
+    loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in train]
+    device = select_device(config.train.device)
+    plan = make_plan(fingerprint(loaded, config.num_classes), config, device.type)
+    raw["resample"]["target_spacing_mm"] = plan["resample"]["target_spacing_mm"]
+    config = validate_config(raw, "hippocampus benchmark")
+    resolved = config.model_copy(update={"train": resolve_train(config.train, plan)})
+    log.info("medseg plan: %s", json.dumps(plan["train"]))
+    items = [
+        {"patient_id": c["case"], "image": preprocess(img, config.resample).array, "label": lab.array}
+        for c, (img, lab) in zip(train, loaded, strict=True)
+    ]
+    out = workdir / "medseg"
+    write_json(out / "plan.json", plan)
+    summary = fit(
+        resolved,
+        items[:-N_VAL],
+        items[-N_VAL:],
+        out,
+        device,
+        identity=f"hippocampus-{resolved.digest()}-{len(items)}",
+        params={**resolved.to_dict(), "plan": {k: plan[k] for k in ("resample", "fingerprint")}},
+        tags={"benchmark": "hippocampus"},
+    )
+    log.info("medseg training: %s", summary)
+    return out / "model.pt"
+
+
+def train_monai(train: list[dict], workdir: Path, minutes: float) -> torch.nn.Module:
+    """The plain MONAI recipe: whole volumes padded to 48x64x48, UNet 16-128, Dice+CE, Adam, light augmentation."""
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        NormalizeIntensityd,
+        RandAffined,
+        RandFlipd,
+        ResizeWithPadOrCropd,
+    )
+
+    keys = ("image", "label")
+    transform = Compose(
+        [
+            LoadImaged(keys),
+            EnsureChannelFirstd(keys),
+            NormalizeIntensityd("image"),
+            ResizeWithPadOrCropd(keys, (48, 64, 48)),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            RandAffined(
+                keys, prob=0.3, rotate_range=0.2, scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"
+            ),
+        ]
+    )
+    data = [{"image": str(c["image"]), "label": str(c["label"])} for c in train]
+    loader = DataLoader(Dataset(data, transform), batch_size=2, shuffle=True, num_workers=0)
+    device = select_device("auto")
+    model = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="instance").to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < 60 * minutes:
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(batch["image"].to(device)), batch["label"].to(device))
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0:
+                log.info("monai step %d loss %.4f (%.1f min)", step, float(loss), (time.perf_counter() - start) / 60)
+            if time.perf_counter() - start >= 60 * minutes:
+                break
+    log.info("monai training: %d iterations in %.1f min", step, (time.perf_counter() - start) / 60)
+    return model
+
+
+def predict_monai(model: torch.nn.Module, image: Image) -> Label:
+    from monai.inferers import sliding_window_inference
+
+    x = image.array.astype(np.float32)
+    x = (x - x.mean()) / (x.std() or 1.0)
+    model.eval()
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            torch.as_tensor(x[None]), (48, 64, 48), 1, model, overlap=0.5, mode="gaussian"
+        )
+    return Label(logits[0].argmax(0, keepdim=True).numpy().astype(np.uint8), image.affine.copy())
+
+
+def score(recipe: str, predict_fn: Any, test: list[dict], workdir: Path, config: Config) -> list[dict]:
+    rows = []
+    for c in test:
+        image = read_volume(c["image"], Image)
+        path = write_volume(predict_fn(image), workdir / recipe / "predictions" / f"{c['case']}.nii.gz")
+        rows.extend({"recipe": recipe, **r} for r in score_patient(config, c["case"], path, c["label"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-dir", type=Path, required=True)
+    parser.add_argument("--test-dir", type=Path, default=None)
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per recipe")
+    parser.add_argument("--workdir", type=Path, default=Path("hippocampus_benchmark"))
+    parser.add_argument("--recipes", default="medseg,monai")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    cases = msd_cases(args.train_dir, "imagesTr", "labelsTr")
+    if args.test_dir is None:
+        missing = sorted(set(HOLDOUT) - {c["case"] for c in cases})
+        if missing:
+            log.warning("%d held-out cases are not in %s", len(missing), args.train_dir)
+        train = [c for c in cases if c["case"] not in HOLDOUT]
+        test = [c for c in cases if c["case"] in HOLDOUT]
+    else:
+        train, test = cases, msd_cases(args.test_dir, "imagesTs", "labelsTs")
+    log.info("%d training cases, %d test cases, %.1f minutes per recipe", len(train), len(test), args.minutes)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    config = validate_config(base_config(args.workdir, args.minutes), "hippocampus benchmark")
+    rows: list[dict] = []
+    summaries: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "minutes": args.minutes,
+        "n_train": len(train),
+        "n_test": len(test),
+    }
+    recipes = args.recipes.split(",")
+    if "medseg" in recipes:
+        checkpoint = train_medseg(train, args.workdir, args.minutes)
+        device = select_device("auto")
+        model, trained = load_model(checkpoint, device)
+        rows += score("medseg", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)
+    if "monai" in recipes:
+        monai_model = train_monai(train, args.workdir, args.minutes)
+        rows += score("monai", lambda im: predict_monai(monai_model, im), test, args.workdir, config)
+    for recipe in recipes:
+        s = summarise(config, [r for r in rows if r["recipe"] == recipe])
+        summaries[recipe] = s
+        per_class = {name: s["per_class"][name]["dice"]["mean"] for name in CLASSES}
+        log.info("%s: mean Dice %.4f %s", recipe, s["mean_foreground_dice"], per_class)
+    write_tsv("metrics.tsv", rows, ["recipe", *COLUMNS])
+    write_json("summary.json", summaries)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Automatic post-processing: decide per class, from validation predictions and labels, whether keeping only the
+largest connected component helps, and write the decision down.
+
+The rule is nnU-Net's: keep-largest is switched on for a class only when, on the validation cases, it raises
+the mean foreground Dice AND no class's mean Dice drops. Each class is tried on top of the configured rules
+(``postprocess`` section); the accepted classes are then applied together and checked once more, and a class
+whose combination breaks the rule is dropped again (keep-largest of one class only touches that class's voxels,
+so this is rare: it needs a hole of another class filled where the removed component was).
+
+Dice per case and class uses the evaluate stage's convention: both empty NaN (left out of the mean), one empty 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.evaluate.metrics import overlap
+from medseg.postprocess.functional import ClassRule, apply_rules
+from medseg.volume import Label
+
+log = logging.getLogger(__name__)
+
+RULE = (
+    "keep the largest connected component of a class only if, on the validation cases, it raises the mean "
+    "foreground Dice and lowers no class's mean Dice (nnU-Net's rule); Dice of a case where a class is empty in "
+    "both prediction and label is left out"
+)
+TOLERANCE = 1e-9  # float noise in means is not a change
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_foreground: int) -> np.ndarray:
+    """Dice of classes 1..n_foreground of two label maps ``(X, Y, Z)``, each computed inside its bounding box."""
+    pred_boxes = ndimage.find_objects(pred, max_label=n_foreground)
+    ref_boxes = ndimage.find_objects(ref, max_label=n_foreground)
+    out = np.full(n_foreground, np.nan)
+    for c in range(1, n_foreground + 1):
+        boxes = [b for b in (pred_boxes[c - 1], ref_boxes[c - 1]) if b is not None]
+        if not boxes:
+            continue
+        box = tuple(slice(min(s.start for s in ax), max(s.stop for s in ax)) for ax in zip(*boxes, strict=True))
+        out[c - 1] = overlap(pred[box] == c, ref[box] == c)[0]
+    return out
+
+
+def with_keep_largest(rules: Mapping[int, ClassRule], classes: Iterable[int]) -> dict[int, ClassRule]:
+    """``rules`` with keep-largest (one component) switched on for ``classes``; an existing N >= 1 is kept."""
+    chosen = set(classes)
+    return {c: replace(r, keep_largest_n=r.keep_largest_n or 1) if c in chosen else r for c, r in rules.items()}
+
+
+def candidate_dice(pred: Label, ref: Label, rules: Mapping[int, ClassRule]) -> np.ndarray:
+    """Dice per class of one case under the configured rules (row 0) and with keep-largest added for class c
+    (row c): shape ``(n + 1, n)``."""
+    n = len(rules)
+    rows = [dice_per_class(apply_rules(pred, rules).array[0], ref.array[0], n)]
+    for c in range(1, n + 1):
+        rows.append(dice_per_class(apply_rules(pred, with_keep_largest(rules, [c])).array[0], ref.array[0], n))
+    return np.stack(rows)
+
+
+def _means(dice: np.ndarray) -> np.ndarray:
+    """Mean over cases (axis 0) ignoring NaN; NaN where a class has no defined case."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for an all-NaN class
+        return np.nanmean(dice, axis=0)
+
+
+def _accepts(before: np.ndarray, after: np.ndarray) -> bool:
+    """nnU-Net's rule on per-class means: mean foreground Dice up, no class down (NaN classes ignored)."""
+    defined = ~np.isnan(before) & ~np.isnan(after)
+    if not defined.any():
+        return False
+    improves = np.mean(after[defined]) > np.mean(before[defined]) + TOLERANCE
+    return bool(improves and np.all(after[defined] >= before[defined] - TOLERANCE))
+
+
+def decide(candidates: Sequence[np.ndarray]) -> list[int]:
+    """Classes (1-based) for which keep-largest passes the rule, from :func:`candidate_dice` of every case.
+
+    >>> base_and_trials = np.array([[0.5, 0.8], [0.7, 0.8], [0.5, 0.7]])  # one case, two classes
+    >>> decide([base_and_trials])
+    [1]
+    """
+    stacked = np.stack(candidates)  # (cases, n + 1, n)
+    before = _means(stacked[:, 0])
+    return [c for c in range(1, stacked.shape[2] + 1) if _accepts(before, _means(stacked[:, c]))]
+
+
+def plan(
+    cases: Callable[[], Iterable[tuple[str, Label, Label]]],
+    rules: Mapping[int, ClassRule],
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """Decide keep-largest per class on validation cases.
+
+    Args:
+        cases: called twice (decision, then check of the combination); yields ``(patient_id, prediction,
+            label)`` one case at a time, so the validation set never has to fit in memory.
+        rules: the configured per-class rules (from :func:`medseg.postprocess.functional.class_rules`).
+        class_names: names of classes 1..N.
+
+    Returns:
+        The decision, JSON-able: per class whether keep-largest is applied and its mean Dice before and with it,
+        the mean foreground Dice before and after the whole plan, the rule, and the case count.
+    """
+    ids, candidates = [], []
+    for patient_id, pred, ref in cases():
+        ids.append(patient_id)
+        candidates.append(candidate_dice(pred, ref, rules))
+    if not candidates:
+        return {"rule": RULE, "n_cases": 0, "keep_largest": [], "classes": {}, "note": "no validation cases"}
+    stacked = np.stack(candidates)
+    before = _means(stacked[:, 0])
+    chosen = decide(candidates)
+    # Check the accepted classes together; drop the last one until the combination passes (rarely needed).
+    while chosen:
+        trial = with_keep_largest(rules, chosen)
+        combined = _means(
+            np.stack([dice_per_class(apply_rules(p, trial).array[0], r.array[0], len(rules)) for _, p, r in cases()])
+        )
+        if _accepts(before, combined):
+            break
+        log.info("keep-largest of classes %s together breaks the rule; dropping class %d", chosen, chosen[-1])
+        chosen = chosen[:-1]
+    after = combined if chosen else before
+
+    def _num(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    return {
+        "rule": RULE,
+        "n_cases": len(ids),
+        "keep_largest": [class_names[c - 1] for c in chosen],
+        "classes": {
+            name: {
+                "keep_largest": c in chosen,
+                "dice_before": _num(before[c - 1]),
+                "dice_with_keep_largest": _num(_means(stacked[:, c])[c - 1]),
+            }
+            for c, name in enumerate(class_names, start=1)
+        },
+        "mean_dice_before": _num(np.nanmean(before)) if np.isfinite(before).any() else None,
+        "mean_dice_after": _num(np.nanmean(after)) if np.isfinite(after).any() else None,
+    }

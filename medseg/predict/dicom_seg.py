@@ -1,0 +1,184 @@
+"""DICOM-SEG out (highdicom): a label on a series' source grid becomes a Segmentation that references the series.
+
+The SEG is the one output of `medseg predict` that carries the source's patient and study identity: highdicom
+copies them from the source datasets so that the object files back into the same patient's record in the PACS.
+It is BINARY (one segment per class), the type 3D Slicer, OHIF and every PACS viewer open; LABELMAP SEG
+(DICOM 2024) is not yet widely read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+import medseg
+from medseg.config import TISSUE_CODE, CodeConfig, PredictConfig
+from medseg.errors import GeometryError, ImageReadError
+from medseg.ingest.dicom import LPS_TO_RAS, Frame, frames_of, stack_geometry
+from medseg.io import atomic_path
+from medseg.predict.functional import default_color, label_to_frames
+from medseg.volume import Label
+
+# highdicom logs the source's SOP instance UIDs at INFO: identity values must not reach our logs.
+logging.getLogger("highdicom").setLevel(logging.ERROR)
+
+ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence  # DCM 123110, the family a segmentation network is in
+
+
+def source_frames(files: Sequence[Path], tolerance_mm: float) -> tuple[list[Frame], np.ndarray]:
+    """The series' frames (headers only) in the slice order of :func:`medseg.ingest.dicom.read_series`.
+
+    Args:
+        files: every file of the series.
+        tolerance_mm: slice tolerance, as given to ``read_series``.
+
+    Returns:
+        ``(ordered_frames, ras_affine)``: frame ``k`` is slice ``k`` of the volume ``read_series`` returns, and the
+        affine is that volume's, so that a caller can check both readers agree.
+
+    Raises:
+        ImageReadError: a file is not readable DICOM.
+        GeometryError: the slices do not form one regular grid.
+    """
+    frames: list[Frame] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:  # pydicom raises many types for a corrupt file
+            raise ImageReadError(f"{Path(path).name}: not a readable DICOM file ({err})") from err
+        _fill_type2(ds)
+        frames.extend(frames_of(ds))
+    ordered, lps_affine = stack_geometry(frames, tolerance_mm)
+    return ordered, LPS_TO_RAS @ lps_affine
+
+
+# Type 2 attributes (present, may be empty) of the patient and study modules that highdicom copies into the SEG.
+# Exports from research PACS and anonymisers often drop them altogether; an empty value is what DICOM asks for.
+TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
+
+def _fill_type2(ds: Dataset) -> None:
+    for keyword in TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+
+
+def _code(code: CodeConfig) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def segment_descriptions(classes: Sequence[str], config: PredictConfig) -> list[hd.seg.SegmentDescription]:
+    """One segment per class, numbered like the label values (class ``i`` is segment ``i``, from 1)."""
+    algorithm = hd.AlgorithmIdentificationSequence(name="medseg", family=ALGORITHM_FAMILY, version=medseg.__version__)
+    descriptions = []
+    for index, name in enumerate(classes, start=1):
+        segment = config.segments.get(name)
+        rgb = (segment.color_rgb if segment else None) or default_color(index)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=index,
+                segment_label=(segment.label if segment else None) or name,
+                segmented_property_category=_code(segment.category if segment else TISSUE_CODE),
+                segmented_property_type=_code(segment.type if segment else TISSUE_CODE),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*rgb),
+            )
+        )
+    return descriptions
+
+
+def _layout(frames: Sequence[Frame], seg_frames: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """Source datasets and the SEG's frames in the order highdicom pairs them.
+
+    Single-frame files: one dataset per slice, in slice order. A multi-frame object: itself, with the frames put
+    back into the object's own frame order (the slice order can differ).
+    """
+    if all(f.index is None for f in frames):
+        return [f.dataset for f in frames], seg_frames
+    datasets = {id(f.dataset): f.dataset for f in frames}
+    if len(datasets) != 1 or any(f.index is None for f in frames):
+        raise ImageReadError("a series that mixes multi-frame objects with other files cannot be referenced")
+    reordered = np.empty_like(seg_frames)
+    for k, frame in enumerate(frames):
+        reordered[frame.index] = seg_frames[k]
+    return list(datasets.values()), reordered
+
+
+def build_segmentation(
+    label: Label, frames: Sequence[Frame], classes: Sequence[str], config: PredictConfig
+) -> hd.seg.Segmentation:
+    """A BINARY DICOM-SEG of ``label`` referencing the source frames.
+
+    Args:
+        label: ``(1, columns, rows, slices)`` class indices on the series' source grid (as ``read_series`` reads).
+        frames: the series' frames in slice order (:func:`source_frames`).
+        classes: foreground class names; label value ``i`` is ``classes[i - 1]``.
+        config: segment names, colours and codes; series number and description.
+
+    Returns:
+        The Segmentation (not yet written). Empty frames are left out, except when every frame is empty: then
+        highdicom keeps them all, so an empty prediction is still a valid object with every segment described.
+    """
+    seg_frames = label_to_frames(label)
+    if seg_frames.shape != (len(frames), *frames[0].shape):
+        raise GeometryError(
+            f"label frames {list(seg_frames.shape)} do not match the series' {len(frames)} frames of {frames[0].shape}"
+        )
+    sources, pixels = _layout(frames, seg_frames)
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(classes, config),
+        series_instance_uid=hd.UID(),
+        series_number=config.seg_series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=config.manufacturer,
+        manufacturer_model_name="medseg predict",
+        software_versions=medseg.__version__,
+        device_serial_number="0",
+        series_description=config.seg_series_description,
+        content_label="SEGMENTATION",
+        content_description="automatic segmentation by medseg",
+        omit_empty_frames=True,
+    )
+
+
+def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> Path:
+    """Write atomically."""
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def read_segmentation_frames(path: Path, frames: Sequence[Frame]) -> np.ndarray:
+    """Decode a SEG written by :func:`build_segmentation` back to label frames ``(slices, rows, columns)``.
+
+    Frames the SEG leaves out (empty ones) come back as background.
+    """
+    seg = hd.seg.segread(path)
+    if all(f.index is None for f in frames):
+        return seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(f.dataset.SOPInstanceUID) for f in frames],
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+        )
+    by_frame = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(frames[0].dataset.SOPInstanceUID),
+        source_frame_numbers=[int(f.index) + 1 for f in frames],  # type: ignore[arg-type]
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    return np.asarray(by_frame)

@@ -1,0 +1,367 @@
+"""`medseg predict`: a folder of new scans in (DICOM series in any layout, NIfTI files), per eligible series a
+segmentation out as NIfTI on the series' original grid, as DICOM-SEG referencing the series, and a QC picture.
+
+Series are found and chosen with ingest's rules (:func:`medseg.ingest.discover.discover`, ``rank_series`` with
+``ingest.series``), but every eligible series is predicted, not only the one ingest would pick per study. Outputs,
+named by a pseudonymised series id ``<subject_id>_<series key>`` (both keyed hashes, stable across runs):
+
+* ``nifti/<series_id>.nii.gz``: the label on the source grid, voxel for voxel the DICOM slices as read (X =
+  columns, Y = rows, Z = slices by position), with the source's RAS affine;
+* ``dicom_seg/<series_id>.dcm``: the same label as a BINARY DICOM-SEG (DICOM input only), the one output that
+  carries the patient's identity, because it must file back into the patient's record;
+* ``qc/<series_id>.png``: a few axial slices with the contours;
+* ``records/<series_id>.json``: written last; a series whose record says ``done`` for the same model and
+  settings, and whose outputs exist, is skipped by a rerun (resume);
+* ``summary.tsv``, ``summary.json`` and ``failures.tsv`` for the whole folder.
+
+A series that fails is recorded with its reason and the rest go on. No identity value reaches a file name, a
+log line or a table: texts that come from the source (descriptions, error messages) pass through ingest's
+:class:`~medseg.ingest.pseudonym.Redactor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg import tracking
+from medseg.config import Config
+from medseg.errors import ConfigError, GeometryError, MedsegError
+from medseg.ingest.dicom import read_series
+from medseg.ingest.discover import discover, rank_series
+from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
+from medseg.io import read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
+from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
+from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
+from medseg.predict.qc import render_qc
+from medseg.volume import Image
+
+log = logging.getLogger(__name__)
+
+Track = Callable[[Iterable[Any], str, int], Iterable[Any]]
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MODEL_ARTIFACT = "train/model.pt"
+PLAN_COLUMNS = ["series_id", "subject_id", "source_format", "modality", "series_number", "series_description"]
+
+
+def _no_track(items: Iterable[Any], _description: str, _total: int) -> Iterable[Any]:
+    return items
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One series to predict. ``files`` are source paths: identifying, never written out."""
+
+    series_id: str
+    subject_id: str
+    source_format: str  # "dicom" or "nifti"
+    modality: str
+    series_number: int
+    series_description: str  # redacted
+    files: tuple[Path, ...]
+
+    def row(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in PLAN_COLUMNS}
+
+
+@dataclass
+class PredictResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    predicted: int = 0  # series predicted by this call (the rest were done before or failed)
+
+
+def plan(config: Config, input_dir: Path) -> tuple[list[SeriesJob], list[dict[str, str]], Redactor]:
+    """Every eligible series below ``input_dir``, sorted by series id, with the files that could not be used.
+
+    Raises:
+        ConfigError: ``input_dir`` is not a folder.
+    """
+    if not input_dir.is_dir():
+        raise ConfigError(f"input folder {input_dir} does not exist")
+    key = load_or_create_key(config.ingest.pseudonym_key_file)
+    found = discover(input_dir)
+    redact = Redactor(found.identity_values)
+    failures = [{"series_id": "", "source": redact(rel), "reason": redact(why)} for rel, why in found.failures]
+    jobs: list[SeriesJob] = []
+    for case in found.cases:
+        subject = pseudonym(key, case.patient_key)
+        if case.nifti_image is not None:
+            rel = str(case.nifti_image.relative_to(input_dir))
+            jobs.append(
+                SeriesJob(
+                    f"{subject}_{pseudonym(key, 'nifti:' + rel)[1:9]}", subject, "nifti", "", 0, "", (case.nifti_image,)
+                )
+            )
+        eligible, _skipped = rank_series(case, config.ingest.series)
+        for s in eligible:
+            jobs.append(
+                SeriesJob(
+                    series_id=f"{subject}_{pseudonym(key, f'series:{s.study_uid}/{s.series_uid}')[1:9]}",
+                    subject_id=subject,
+                    source_format="dicom",
+                    modality=s.modality,
+                    series_number=s.series_number,
+                    series_description=redact(s.description),
+                    files=tuple(sorted(s.files)),
+                )
+            )
+    jobs.sort(key=lambda j: j.series_id)
+    return jobs, failures, redact
+
+
+def resolve_model(reference: str, config: Config, cache_dir: Path) -> Path:
+    """The local checkpoint named by ``--model``: a file, an MLflow run id (its ``train/model.pt``) or a URI.
+
+    Raises:
+        ConfigError: ``reference`` is none of these, or the artifact holds no ``model.pt``.
+        MedsegError: MLflow cannot deliver the artifact.
+    """
+    path = Path(reference)
+    if path.is_file():
+        return path
+    destination = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:12]
+    if RUN_ID.match(reference):
+        local = tracking.download_artifact(config.tracking, destination, run_id=reference, artifact_path=MODEL_ARTIFACT)
+    elif ":/" in reference:
+        local = tracking.download_artifact(config.tracking, destination, artifact_uri=reference)
+    else:
+        raise ConfigError(
+            f"--model {reference}: not a checkpoint file, an MLflow run id (32 hex digits) or a URI like runs:/<id>/..."
+        )
+    if local.is_dir():
+        found = sorted(local.rglob("model.pt"))
+        if not found:
+            raise ConfigError(f"--model {reference}: the artifact folder holds no model.pt")
+        local = found[0]
+    return local
+
+
+def model_identity(checkpoint: Path, config: Config) -> str:
+    """What a finished series was made with: the checkpoint's bytes and the settings that shape the outputs."""
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    # Where the scans are and how the model was named do not change a series' outputs.
+    predict = config.predict.model_dump(mode="json", exclude={"input_dir", "model"})
+    settings = json.dumps({"infer": config.infer.model_dump(mode="json"), "predict": predict}, sort_keys=True)
+    return hashlib.sha256((digest.hexdigest() + settings).encode()).hexdigest()[:16]
+
+
+def outputs(output_dir: Path, job: SeriesJob) -> dict[str, Path]:
+    """The files of one series; ``dicom_seg`` only for DICOM input."""
+    files = {
+        "nifti": output_dir / "nifti" / f"{job.series_id}.nii.gz",
+        "qc": output_dir / "qc" / f"{job.series_id}.png",
+    }
+    if job.source_format == "dicom":
+        files["dicom_seg"] = output_dir / "dicom_seg" / f"{job.series_id}.dcm"
+    return files
+
+
+def record_path(output_dir: Path, series_id: str) -> Path:
+    return output_dir / "records" / f"{series_id}.json"
+
+
+def finished_record(output_dir: Path, job: SeriesJob, model_id: str) -> dict[str, Any] | None:
+    """The record of a series already done with the same model and settings, if all its outputs exist."""
+    path = record_path(output_dir, job.series_id)
+    if not path.exists():
+        return None
+    try:
+        record = read_json(path)
+    except ValueError:
+        return None  # a record is written atomically; an unreadable one was edited by hand: redo the series
+    if record.get("status") != "done" or record.get("model_id") != model_id:
+        return None
+    if not all(p.exists() for p in outputs(output_dir, job).values()):
+        return None
+    return record
+
+
+def predict_series(
+    job: SeriesJob,
+    predictor: Callable[[Image], Any],
+    classes: Sequence[str],
+    config: Config,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Predict one series and write its outputs; returns the non-identifying facts for the summary.
+
+    Args:
+        job: the series.
+        predictor: canonical :class:`Image` -> :class:`Label` on the same grid (the model, already loaded).
+        classes: the model's foreground class names.
+        config: the live config (``predict``, ``ingest.slice_tolerance_mm``).
+        output_dir: the output folder.
+
+    Raises:
+        MedsegError: the series cannot be read, its geometry is refused, or an output cannot be built.
+    """
+    start = time.perf_counter()
+    files = outputs(output_dir, job)
+    frames = None
+    if job.source_format == "dicom":
+        source, _facts = read_series(job.files, config.ingest.slice_tolerance_mm)
+        frames, frames_affine = source_frames(job.files, config.ingest.slice_tolerance_mm)
+        if not np.allclose(frames_affine, source.affine, atol=1e-4):
+            raise GeometryError("the series' frames order differently on a second read; refusing to guess")
+    else:
+        source = read_volume(job.files[0], Image)
+    canonical = to_canonical(source)
+    label_canonical = predictor(canonical)
+    label = from_canonical(label_canonical, source.affine, source.spatial_shape)
+    colors = [
+        (config.predict.segments[c].color_rgb if c in config.predict.segments else None) or default_color(i)
+        for i, c in enumerate(classes, start=1)
+    ]
+    write_volume(label, files["nifti"])
+    if frames is not None:
+        try:
+            seg = build_segmentation(label, frames, classes, config.predict)
+        except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
+            raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
+        write_segmentation(seg, files["dicom_seg"])
+    render_qc(canonical, label_canonical, classes, colors, files["qc"], config.predict.qc_slices, title=job.series_id)
+    volumes = class_volumes_ml(label, len(classes))
+    return {
+        "empty": not bool(label.array.any()),
+        "volume_ml": dict(zip(classes, volumes, strict=True)),
+        "seconds": round(time.perf_counter() - start, 2),
+        "outputs": {k: str(p.relative_to(output_dir)) for k, p in files.items()},
+    }
+
+
+def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per series for ``summary.tsv`` and its columns."""
+    volume_columns = [f"volume_ml_{c}" for c in classes]
+    columns = [*PLAN_COLUMNS, "status", "empty", *volume_columns, "seconds", "nifti", "dicom_seg", "qc", "reason"]
+    rows = []
+    for r in records:
+        row = {c: r.get(c) for c in [*PLAN_COLUMNS, "status", "seconds", "reason"]}
+        row["empty"] = "" if r.get("empty") is None else str(bool(r["empty"])).lower()
+        row.update({f"volume_ml_{c}": r.get("volume_ml", {}).get(c) for c in classes})
+        row.update({k: r.get("outputs", {}).get(k, "") for k in ("nifti", "dicom_seg", "qc")})
+        rows.append(row)
+    return rows, columns
+
+
+def write_plan(config: Config, input_dir: Path, output_dir: Path) -> list[SeriesJob]:
+    """Write ``series.tsv``: the eligible series (no identity values), for the workflow's one-job-per-series."""
+    jobs, _failures, _redact = plan(config, input_dir)
+    write_tsv(output_dir / "series.tsv", [j.row() for j in jobs], PLAN_COLUMNS)
+    return jobs
+
+
+def run(
+    config: Config,
+    model: str,
+    input_dir: Path,
+    output_dir: Path,
+    series_ids: Sequence[str] | None = None,
+    track: Track = _no_track,
+) -> PredictResult:
+    """Predict every eligible series below ``input_dir`` (or only ``series_ids``), resuming finished ones.
+
+    Args:
+        config: the live config.
+        model: checkpoint path, MLflow run id or ``runs:/`` URI (see :func:`resolve_model`).
+        input_dir: the scans.
+        output_dir: where outputs go (see the module docstring).
+        series_ids: only these series (the workflow's per-series jobs); the summary files are then not written.
+        track: a progress wrapper ``(items, description, total) -> items``.
+
+    Returns:
+        Every series' record (done before, done now, failed) and the failures.
+
+    Raises:
+        ConfigError: a bad input folder, model reference, unknown series id, or segment names not in the model.
+    """
+    from medseg.device import select_device  # torch-heavy imports: only when a model is really used
+    from medseg.infer.run import load_model, predict
+
+    jobs, failures, redact = plan(config, input_dir)
+    if series_ids is not None:
+        unknown = sorted(set(series_ids) - {j.series_id for j in jobs})
+        if unknown:
+            raise ConfigError(f"series {', '.join(unknown)} not found below {input_dir} (see series.tsv)")
+        jobs = [j for j in jobs if j.series_id in set(series_ids)]
+    checkpoint = resolve_model(model, config, output_dir / ".model")
+    model_id = model_identity(checkpoint, config)
+    state: dict[str, Any] = {}
+
+    def predictor(image: Image) -> Any:
+        return predict(state["model"], state["trained"], image, config, state["device"])
+
+    result = PredictResult(failures=list(failures))
+    records: dict[str, dict[str, Any]] = {}
+    pending = []
+    for job in jobs:
+        done = finished_record(output_dir, job, model_id)
+        if done is None:
+            pending.append(job)
+        else:
+            records[job.series_id] = {**done, "status": "done"}
+    log.info("%d series found, %d already done, %d to predict", len(jobs), len(jobs) - len(pending), len(pending))
+    classes: list[str] = []
+    if pending:
+        state["device"] = select_device(config.infer.device)
+        state["model"], state["trained"] = load_model(checkpoint, state["device"])
+        classes = list(state["trained"].classes)
+        unknown_segments = sorted(set(config.predict.segments) - set(classes))
+        if unknown_segments:
+            raise ConfigError(f"predict.segments names {unknown_segments}, which are not the model's classes {classes}")
+    for job in track(pending, "predict", len(pending)):
+        record: dict[str, Any] = {**job.row(), "model_id": model_id}
+        try:
+            record.update(predict_series(job, predictor, classes, config, output_dir), status="done")
+            result.predicted += 1
+            log.info("series %s predicted%s", job.series_id, " (empty)" if record["empty"] else "")
+        except MedsegError as err:
+            reason = redact(str(err))
+            record.update(status="failed", reason=reason)
+            result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
+            log.error("series %s skipped: %s", job.series_id, reason)
+        write_json(record_path(output_dir, job.series_id), record)
+        records[job.series_id] = {**record, "status": "predicted" if record["status"] == "done" else "failed"}
+    result.records = [records[j.series_id] for j in jobs]
+    if series_ids is None:
+        _write_summary(result, classes or _classes_of(result.records), output_dir)
+    return result
+
+
+def _classes_of(records: Sequence[dict[str, Any]]) -> list[str]:
+    for r in records:
+        if r.get("volume_ml"):
+            return list(r["volume_ml"])
+    return []
+
+
+def _write_summary(result: PredictResult, classes: Sequence[str], output_dir: Path) -> None:
+    rows, columns = summary_rows(result.records, classes)
+    write_tsv(output_dir / "summary.tsv", rows, columns)
+    write_tsv(output_dir / "failures.tsv", result.failures, ["series_id", "source", "reason"])
+    ok = [r for r in result.records if r["status"] in ("done", "predicted")]
+    write_json(
+        output_dir / "summary.json",
+        {
+            "n_series": len(result.records),
+            "n_predicted_now": result.predicted,
+            "n_done_before": sum(1 for r in result.records if r["status"] == "done"),
+            "n_failed": sum(1 for r in result.records if r["status"] == "failed"),
+            "n_empty": sum(1 for r in ok if r.get("empty")),
+            "empty_series": [r["series_id"] for r in ok if r.get("empty")],
+            "n_unusable_files": sum(1 for f in result.failures if not f["series_id"]),
+            "classes": list(classes),
+        },
+    )

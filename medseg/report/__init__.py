@@ -1,0 +1,1 @@
+"""`medseg report`: one self-contained HTML page per run."""

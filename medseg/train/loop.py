@@ -1,0 +1,389 @@
+"""The training loop on in-memory volumes: sampling, optimisation, validation, checkpoints, resume, budget.
+
+``fit`` is what ``medseg train`` runs after loading the manifest, and what the benchmarks call directly.
+It is resumable: ``last.pt`` is written atomically after every epoch with the optimiser, schedule, scaler, random
+state, history and MLflow run id, and ``fit`` continues from it when it finds one made by the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric
+from monai.utils import set_determinism
+
+from medseg import tracking
+from medseg.config import Config, TrainConfig
+from medseg.infer.functional import predict_probabilities
+from medseg.io import atomic_path, write_json, write_text, write_tsv
+from medseg.train.losses import build_loss
+from medseg.train.networks import build_network
+from medseg.train.transforms import train_transforms
+from medseg.volume import Image
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 2
+
+
+class Schedule:
+    """Learning-rate factor from training progress: linear warm-up, then poly (exponent 0.9), cosine or constant.
+
+    Progress is the larger of ``step / total_steps`` and ``elapsed / budget``, so under ``max_minutes`` the
+    rate reaches its floor when the time is up, not at an epoch count the run will never reach (torch's
+    schedulers only count steps). ``state_dict``/``load_state_dict`` make it resumable like a torch scheduler.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+        self.optimizer, self.cfg = optimizer, cfg
+        self.base_lr = cfg.learning_rate
+        self.total_steps = cfg.epochs * cfg.iterations_per_epoch
+        self.step_count = 0
+        self.elapsed_s = 0.0
+
+    def progress(self) -> float:
+        p = self.step_count / self.total_steps
+        if self.cfg.max_minutes:
+            p = max(p, self.elapsed_s / (60.0 * self.cfg.max_minutes))
+        return min(p, 1.0)
+
+    def factor(self) -> float:
+        p, warm = self.progress(), self.cfg.warmup_fraction
+        if warm > 0 and p < warm:
+            return max(p / warm, 0.01)
+        q = (p - warm) / (1 - warm) if warm < 1 else 1.0
+        if self.cfg.schedule == "poly":
+            return (1 - q) ** 0.9
+        if self.cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * q))
+        return 1.0
+
+    def step(self, elapsed_s: float) -> None:
+        self.step_count += 1
+        self.elapsed_s = elapsed_s
+        self.apply()
+
+    def apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * self.factor()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count, self.elapsed_s = int(state["step_count"]), float(state["elapsed_s"])
+        self.apply()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov), Adam or AdamW with the configured learning rate and weight decay."""
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """Seed everything; deterministic algorithms when asked, else let cuDNN pick the fastest kernels."""
+    set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not cfg.deterministic
+        torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+
+
+class Sampler:
+    """Draws training batches: random cases (with replacement), each cut into ``samples_per_volume`` augmented
+    patches. Seeded per epoch (``seed``, ``epoch``), so a run resumed at an epoch boundary draws exactly what the
+    uninterrupted run would have drawn, without pickling every transform's random state."""
+
+    def __init__(self, items: list[dict[str, Any]], cfg: TrainConfig) -> None:
+        assert cfg.patch_size_vox is not None and cfg.batch_size is not None  # resolved by the plan
+        self.items, self.cfg = items, cfg
+        self.transform = train_transforms(
+            cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
+        )
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.rng = np.random.default_rng([self.cfg.seed, epoch])
+        self.transform.set_random_state(seed=int(self.rng.integers(2**31)))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.cfg.batch_size or 1
+        patches: list[dict[str, Any]] = []
+        while len(patches) < size:
+            item = self.items[int(self.rng.integers(len(self.items)))]
+            out = self.transform({"image": item["image"], "label": item["label"]})
+            patches.extend(out if isinstance(out, list) else [out])
+        patches = patches[:size]
+        image = torch.stack([torch.as_tensor(np.asarray(p["image"]), dtype=torch.float32) for p in patches])
+        label = torch.stack([torch.as_tensor(np.asarray(p["label"])) for p in patches])
+        return image, label
+
+
+def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config, device: torch.device) -> np.ndarray:
+    """Mean Dice per foreground class over whole validation volumes (sliding windows, as at inference)."""
+    assert config.train.patch_size_vox is not None
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    n = config.num_classes
+    for item in items:
+        probs = predict_probabilities(
+            model, Image(item["image"], np.eye(4)), config.train.patch_size_vox, config.infer, device
+        )
+        pred = torch.as_tensor(probs.array.argmax(0))
+        onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
+        true = torch.as_tensor(np.asarray(item["label"][0])).long().clamp(0, n - 1)
+        metric(onehot_pred, torch.nn.functional.one_hot(true, n).movedim(-1, 0)[None])
+    model.train()
+    return metric.aggregate().cpu().numpy()
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the weights, so a resumed run continues where the last one stopped."""
+
+    epoch: int = 0
+    best: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+    finished: bool = False
+
+
+def _save_model(path: Path, model: torch.nn.Module, config: Config, epoch: int, val_dice: float) -> None:
+    state = {"state_dict": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "val_dice": val_dice}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _save_last(
+    path: Path,
+    model: torch.nn.Module,
+    config: Config,
+    identity: str,
+    progress: Progress,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "state_dict": model.state_dict(),
+        "config": config.to_dict(),
+        "identity": identity,
+        "epoch": progress.epoch,
+        "val_dice": progress.best,
+        "progress": progress.__dict__,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume_state(output_dir: Path, identity: str) -> dict[str, Any] | None:
+    """The ``last.pt`` of an earlier run of the same config (``identity``) in ``output_dir``, if any."""
+    path = output_dir / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:  # written atomically, so this is a foreign or damaged file
+        log.warning("ignoring unreadable %s (%s): starting afresh", path, err)
+        return None
+    if state.get("version") != CHECKPOINT_VERSION or state.get("identity") != identity:
+        log.warning("%s was made by another config: starting afresh (it will be overwritten)", path)
+        return None
+    return state
+
+
+def fit(
+    config: Config,
+    train_items: list[dict[str, Any]],
+    val_items: list[dict[str, Any]],
+    output_dir: Path,
+    device: torch.device,
+    identity: str,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    artifacts: list[tuple[Path, str]] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) and write ``model.pt`` (best), ``last.pt``, ``history.tsv``, ``run.json``.
+
+    Args:
+        config: a config whose ``train`` section the plan resolved (see :func:`medseg.train.plan.resolve_train`).
+        train_items: ``{"patient_id", "image" (1, X, Y, Z) float, "label" (1, X, Y, Z) int}`` preprocessed.
+        val_items: the same for validation (may be empty: then the last model is the model).
+        output_dir: the train folder.
+        device: from :func:`medseg.device.select_device`.
+        identity: hash of what defines the run (user config, manifest); ``last.pt`` resumes only a match.
+        params: logged to MLflow as params on a fresh run (the resolved plan and config).
+        tags: MLflow tags (git commit, manifest hash, ...).
+        artifacts: ``(path, artifact folder)`` logged at the end.
+
+    Returns:
+        ``{"run_id", "best_val_dice", "best_epoch", "epochs", "elapsed_s", "stopped"}``.
+    """
+    cfg = config.train
+    configure_torch(cfg, device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = build_network(cfg, config.num_classes).to(device)
+    loss_fn = build_loss(cfg, config.num_classes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    schedule = Schedule(optimizer, cfg)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    progress = Progress()
+    state = load_resume_state(output_dir, identity)
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log.info(
+            "resuming from %s after epoch %d (MLflow run %s)", output_dir / "last.pt", progress.epoch, progress.run_id
+        )
+    else:
+        schedule.apply()
+    write_text(output_dir / "config.yaml", config.to_yaml())
+    sampler = Sampler(train_items, cfg)
+    budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes else math.inf
+    stopped = "finished" if progress.finished else ""
+    with tracking.run(
+        config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}"
+    ) as run_id:
+        write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
+        if progress.run_id is None:
+            progress.run_id = run_id
+            tracking.log_params(params or {"config": config.to_dict()})
+        tracking.set_tags({"config_digest": config.digest(), "device": str(device), **(tags or {})})
+        session_start = time.perf_counter() - progress.elapsed_s
+        while not progress.finished:
+            epoch = progress.epoch + 1
+            sampler.start_epoch(epoch)
+            model.train()
+            start, losses, samples = time.perf_counter(), [], 0
+            for _ in range(cfg.iterations_per_epoch):
+                image, label = sampler.batch()
+                image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = loss_fn(model(image), label)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step(time.perf_counter() - session_start)
+                losses.append(float(loss.detach()))
+                samples += image.shape[0]
+                if time.perf_counter() - session_start >= budget_s:
+                    break
+            seconds = time.perf_counter() - start
+            progress.epoch = epoch
+            progress.elapsed_s = time.perf_counter() - session_start
+            out_of_time = progress.elapsed_s >= budget_s
+            last_epoch = epoch >= cfg.epochs or out_of_time
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "learning_rate": schedule.lr,
+                "seconds_per_epoch": seconds,
+                "samples_per_second": samples / seconds,
+                "elapsed_minutes": progress.elapsed_s / 60.0,
+            }
+            if val_items and (epoch % cfg.val_every_epochs == 0 or last_epoch):
+                dice = validate(model, val_items, config, device)
+                row["val_dice_mean"] = float(np.nanmean(dice))
+                for name, value in zip(config.classes, dice, strict=True):
+                    row[f"val_dice_{name}"] = float(value)
+                if row["val_dice_mean"] > progress.best:
+                    progress.best, progress.best_epoch, progress.stale = row["val_dice_mean"], epoch, 0
+                    _save_model(output_dir / "model.pt", model, config, epoch, progress.best)
+                else:
+                    progress.stale += 1
+            patience = cfg.early_stopping_patience
+            early = patience is not None and progress.stale >= patience
+            if not val_items:
+                _save_model(output_dir / "model.pt", model, config, epoch, float("nan"))
+            progress.history.append(row)
+            progress.finished = last_epoch or early
+            stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            _save_last(output_dir / "last.pt", model, config, identity, progress, optimizer, schedule, scaler)
+            log.info(
+                "epoch %d/%d loss %.4f lr %.2e%s (%.1f s, %.1f samples/s)",
+                epoch,
+                cfg.epochs,
+                row["train_loss"],
+                row["learning_rate"],
+                f" val Dice {row['val_dice_mean']:.3f}" if "val_dice_mean" in row else "",
+                seconds,
+                row["samples_per_second"],
+            )
+        columns = sorted({k for r in progress.history for k in r}, key=lambda k: (k != "epoch", k))
+        write_tsv(output_dir / "history.tsv", progress.history, columns)
+        tracking.set_tags({"stopped_by": stopped})
+        for path, folder in [
+            (output_dir / "model.pt", "train"),
+            (output_dir / "config.yaml", "train"),
+            (output_dir / "history.tsv", "train"),
+            *(artifacts or []),
+        ]:
+            tracking.log_artifact(path, folder)
+        if cfg.log_model:
+            _log_mlflow_model(output_dir / "model.pt", config, device)
+    return {
+        "run_id": run_id,
+        "best_val_dice": progress.best,
+        "best_epoch": progress.best_epoch,
+        "epochs": progress.epoch,
+        "elapsed_s": progress.elapsed_s,
+        "stopped": stopped,
+    }
+
+
+def _log_mlflow_model(checkpoint: Path, config: Config, device: torch.device) -> None:
+    """The best model as an MLflow pytorch model, with a one-patch input example and its output."""
+    assert config.train.patch_size_vox is not None
+    model = build_network(config.train, config.num_classes)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    example = np.zeros((1, 1, *config.train.patch_size_vox), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.as_tensor(example)).numpy()
+    tracking.log_pytorch_model(model, example, output)

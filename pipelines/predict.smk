@@ -1,0 +1,54 @@
+# `snakemake predict_all`: one job per eligible series of predict.input_dir (set it in the config), so that
+# `--cores N` predicts N series at once; predict_all then writes the folder's summary (resuming every series).
+if WF.config.predict.input_dir is not None:
+
+    checkpoint predict_plan:
+        input:
+            WF.config.predict.input_dir,
+        output:
+            WF.predict_plan,
+        params:
+            config=CFG,
+            digest=WF.config.section_digest("ingest"),
+            folder=WF.predict_dir,
+        log:
+            WF.log("predict/plan"),
+        threads: 1
+        shell:
+            "medseg predict --config {params.config} --plan --input {input} --output {params.folder} > {log} 2>&1"
+
+    rule predict:
+        input:
+            model=WF.predict_model_inputs(),
+            plan=WF.predict_plan,
+        output:
+            WF.predict_record("{series_id}"),
+        params:
+            config=CFG,
+            digest=WF.config.section_digest("predict"),
+            model=WF.predict_model,
+            input=WF.config.predict.input_dir,
+            folder=WF.predict_dir,
+        log:
+            WF.log("predict/{series_id}"),
+        threads: 1
+        resources:
+            gpu=1,
+        shell:
+            "medseg predict --config {params.config} --model {params.model} --input {params.input} --output {params.folder} --series-id {wildcards.series_id} --threads {threads} --skips-ok > {log} 2>&1"
+
+    rule predict_all:
+        input:
+            after_checkpoint(checkpoints.predict_plan, WF.predict_records),
+        output:
+            WF.predict_dir / "summary.tsv",
+        params:
+            config=CFG,
+            model=WF.predict_model,
+            input=WF.config.predict.input_dir,
+            folder=WF.predict_dir,
+        log:
+            WF.log("predict/summary"),
+        threads: 1
+        shell:
+            "medseg predict --config {params.config} --model {params.model} --input {params.input} --output {params.folder} --skips-ok > {log} 2>&1"

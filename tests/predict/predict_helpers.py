@@ -1,0 +1,68 @@
+"""Helpers of the predict tests: a tiny randomly initialised checkpoint, small synthetic DICOM series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import Config
+from medseg.demo_data.dicom import Identity, SeriesGeometry, write_ct_series
+from medseg.train.networks import build_network
+
+CLASSES = ["tumour", "oedema"]
+
+
+def tiny_config(key_file: Path, **sections: dict) -> Config:
+    """A config whose model is small and whose preprocessing is coarse, so that a 512 x 512 MR predicts fast."""
+    data = {
+        "classes": CLASSES,
+        "ingest": {"pseudonym_key_file": str(key_file)},
+        "resample": {"target_spacing_mm": [4.0, 4.0, 6.5], "normalization": "zscore"},
+        "train": {
+            "network": "unet",
+            "channels": [4, 8],
+            "strides": [2],
+            "num_res_units": 0,
+            "patch_size_vox": [32, 32, 8],
+        },
+        "infer": {"device": "cpu", "overlap": 0.25, "sw_batch_size": 8},
+        **sections,
+    }
+    return Config.model_validate(data)
+
+
+def save_checkpoint(config: Config, path: Path, background_bias: float = 0.0) -> Path:
+    """A randomly initialised network in the format `medseg train` writes; ``background_bias`` > 0 makes it
+    predict background everywhere (an empty prediction)."""
+    torch.manual_seed(0)
+    model = build_network(config.train, config.num_classes)
+    if background_bias:
+        last_bias = [name for name, p in model.named_parameters() if name.endswith("bias")][-1]
+        with torch.no_grad():
+            dict(model.named_parameters())[last_bias][0] += background_bias
+    state = {"state_dict": model.state_dict(), "config": config.to_dict(), "epoch": 0, "val_dice": float("nan")}
+    torch.save(state, path)
+    return path
+
+
+def oblique_geometry() -> SeriesGeometry:
+    """A sagittal-like stack written in decreasing position: every array axis differs from canonical RAS."""
+    return SeriesGeometry(
+        origin=np.array([12.0, -30.0, 40.0]),
+        row_dir=np.array([0.0, 1.0, 0.0]),
+        col_dir=np.array([0.0, 0.0, -1.0]),
+        pixel_spacing=(1.5, 1.2),
+        slice_step=-2.5,
+    )
+
+
+def write_series(folder: Path, seed: int = 0, shape: tuple[int, int, int] = (14, 11, 6), **identity: str) -> list[Path]:
+    """A small CT series holding a bright box (values > 200 HU) on a dark background, with identity values."""
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(0.0, 20.0, shape)
+    hu[3:9, 2:7, 1:5] += 400.0
+    hu[4:6, 3:5, 2:4] += 400.0
+    ident = Identity(patient_name="Doe^Jane", patient_id=identity.get("patient_id", "MRN-777123"))
+    return write_ct_series(hu, oblique_geometry(), ident, folder)

@@ -1,0 +1,172 @@
+"""One series end to end with a stand-in model (a threshold): the outputs land on the source grid, the DICOM-SEG
+references the source slices frame by frame, empty predictions are valid, bad series are skipped, reruns resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from predict_helpers import CLASSES, save_checkpoint, tiny_config, write_series
+
+from medseg import cli
+from medseg.config import Config
+from medseg.io import read_tsv, read_volume
+from medseg.predict import run as predict_run
+from medseg.volume import Image, Label
+
+THRESHOLDS = (200.0, 600.0)  # class 1 above the first, class 2 above the second (HU)
+
+
+def threshold(image: Image) -> Label:
+    """Stand-in for the network: works on whatever grid it is given, like the real predictor."""
+    values = image.array[0]
+    label = (values > THRESHOLDS[0]).astype(np.uint8) + (values > THRESHOLDS[1]).astype(np.uint8)
+    return Label(label[None], image.affine.copy())
+
+
+def expected_by_sop(files: list[Path]) -> dict[str, np.ndarray]:
+    """The threshold applied to each stored DICOM slice, keyed by SOPInstanceUID (rows, columns)."""
+    out = {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        out[str(ds.SOPInstanceUID)] = (hu > THRESHOLDS[0]).astype(np.uint8) + (hu > THRESHOLDS[1]).astype(np.uint8)
+    return out
+
+
+def voxel_of(affine: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The NIfTI voxel index of a slice's first pixel, from its ImagePositionPatient (LPS -> RAS)."""
+    ras = np.array([-1.0, -1.0, 1.0]) * np.array([float(v) for v in ds.ImagePositionPatient])
+    return np.linalg.solve(affine[:3, :3], ras - affine[:3, 3])
+
+
+def test_series_outputs_match_the_source_slices(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path / "key",
+        predict={"segments": {"tumour": {"label": "Tumour core", "color_rgb": [255, 0, 0]}}},
+    )
+    files = write_series(tmp_path / "in" / "pat" / "ct")
+    jobs, failures, _ = predict_run.plan(config, tmp_path / "in")
+    assert len(jobs) == 1 and not failures
+    out = tmp_path / "out"
+    facts = predict_run.predict_series(jobs[0], threshold, CLASSES, config, out)
+    assert not facts["empty"]
+
+    nifti = read_volume(out / facts["outputs"]["nifti"], Label)
+    expected = expected_by_sop(files)
+    # NIfTI on the ORIGINAL grid: slice k of the file is the DICOM slice at position k, rows x columns transposed.
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        i, j, k = np.rint(voxel_of(nifti.affine, ds)).astype(int)
+        assert (i, j) == (0, 0)
+        assert np.array_equal(nifti.array[0, :, :, k].T, expected[str(ds.SOPInstanceUID)])
+
+    seg = hd.seg.segread(out / facts["outputs"]["dicom_seg"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(files[0]).SeriesInstanceUID
+    assert seg.PatientID == "MRN-777123"  # the SEG files back into the patient's record
+    uids = list(expected)
+    decoded = seg.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
+    for uid, frame in zip(uids, decoded, strict=True):
+        assert np.array_equal(frame, expected[uid])
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert segments[1].SegmentLabel == "Tumour core" and segments[2].SegmentLabel == "oedema"
+    rgb = hd.color.CIELabColor.from_dicom_value(segments[1].RecommendedDisplayCIELabValue).to_rgb()
+    assert np.allclose(rgb, (255, 0, 0), atol=2)
+    png = (out / facts["outputs"]["qc"]).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_empty_prediction_still_gets_every_output(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "key")
+    files = write_series(tmp_path / "in" / "pat")
+    jobs, _, _ = predict_run.plan(config, tmp_path / "in")
+
+    def nothing(image: Image) -> Label:
+        return Label(np.zeros_like(image.array, dtype=np.uint8), image.affine.copy())
+
+    facts = predict_run.predict_series(jobs[0], nothing, CLASSES, config, tmp_path / "out")
+    assert facts["empty"] and facts["volume_ml"] == {"tumour": 0.0, "oedema": 0.0}
+    seg = hd.seg.segread(tmp_path / "out" / facts["outputs"]["dicom_seg"])
+    assert len(seg.SegmentSequence) == 2  # both classes described although absent
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    decoded = seg.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
+    assert decoded.shape == (6, 11, 14) and not decoded.any()
+    assert not read_volume(tmp_path / "out" / facts["outputs"]["nifti"], Label).array.any()
+    assert (tmp_path / "out" / facts["outputs"]["qc"]).exists()
+
+
+def _folder_with_a_bad_series(root: Path) -> None:
+    write_series(root / "good" / "ct", seed=1, patient_id="MRN-1")
+    bad = write_series(root / "bad" / "ct", seed=2, patient_id="MRN-2")
+    bad[2].unlink()  # a missing slice: ingest's reader refuses the uneven gap
+
+
+def test_batch_skips_a_bad_series_flags_empty_and_resumes(
+    tmp_path: Path, tiny: tuple[Config, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, checkpoint = tiny
+    (tmp_path / "cfg.yaml").write_text(config.to_yaml())
+    _folder_with_a_bad_series(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = ["predict", "--config", str(tmp_path / "cfg.yaml"), "--model", str(checkpoint)]
+    argv += ["--input", str(tmp_path / "in"), "--output", str(out)]
+    monkeypatch.setattr("medseg.infer.run.predict", lambda model, trained, image, cfg, device: threshold(image))
+    assert cli.main(argv) == cli.EXIT_SKIPPED  # finished, but one series failed
+
+    rows = {r["series_id"]: r for r in read_tsv(out / "summary.tsv")}
+    assert sorted(r["status"] for r in rows.values()) == ["failed", "predicted"]
+    failures = read_tsv(out / "failures.tsv")
+    assert len(failures) == 1 and "uneven slice spacing" in failures[0]["reason"]
+    good = next(r for r in rows.values() if r["status"] == "predicted")
+    assert good["empty"] == "false" and float(good["volume_ml_tumour"]) > 0
+    for key in ("nifti", "dicom_seg", "qc"):
+        assert (out / good[key]).exists()
+
+    # A rerun does no work: the model is not even loaded; the failed series is retried (and fails again).
+    def no_model(*_args: object) -> None:
+        raise AssertionError("the model was loaded on a rerun")
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".gz", ".dcm", ".png")}
+    monkeypatch.setattr("medseg.infer.run.load_model", no_model)
+    monkeypatch.setattr("medseg.infer.run.predict", no_model)
+    _folder_without_bad = tmp_path / "in" / "bad"
+    for f in _folder_without_bad.rglob("*.dcm"):
+        f.unlink()
+    assert cli.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_done_before"] == 1 and summary["n_predicted_now"] == 0 and summary["n_failed"] == 0
+
+
+def test_empty_series_are_flagged_in_the_summary(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "key")
+    checkpoint = save_checkpoint(config, tmp_path / "model.pt", background_bias=100.0)
+    write_series(tmp_path / "in" / "pat")
+    result = predict_run.run(config, str(checkpoint), tmp_path / "in", tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_empty"] == 1 and summary["empty_series"] == [result.records[0]["series_id"]]
+    assert read_tsv(tmp_path / "out" / "summary.tsv")[0]["empty"] == "true"
+
+
+def test_model_reference_by_mlflow_run_id_and_uri(tmp_path: Path, tiny: tuple[Config, Path]) -> None:
+    from medseg import tracking
+
+    config, checkpoint = tiny
+    config = config.model_copy(
+        update={
+            "tracking": config.tracking.model_copy(
+                update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_dir": tmp_path / "artifacts"}
+            )
+        }
+    )
+    with tracking.run(config.tracking) as run_id:
+        tracking.log_artifact(checkpoint, "train")
+    by_id = predict_run.resolve_model(run_id, config, tmp_path / "cache")
+    by_uri = predict_run.resolve_model(f"runs:/{run_id}/train/model.pt", config, tmp_path / "cache")
+    assert by_id.read_bytes() == checkpoint.read_bytes() == by_uri.read_bytes()
+    with pytest.raises(Exception, match="not a checkpoint file"):
+        predict_run.resolve_model("no-such-model", config, tmp_path / "cache")

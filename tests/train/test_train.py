@@ -1,0 +1,175 @@
+"""Training end to end on tiny volumes: outputs, MLflow, 2D, resume after kill -9, budget, early stopping, folds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg import tracking
+from medseg.config import Config, load_config
+from medseg.evaluate.run import score_patient
+from medseg.infer.run import load_model
+from medseg.infer.run import run as infer_run
+from medseg.io import read_json, read_tsv
+from medseg.manifest import read_manifest
+from medseg.train import loop
+from medseg.train.run import run, split_entries
+
+
+def _history(folder: Path) -> list[dict[str, str]]:
+    return read_tsv(folder / "history.tsv")
+
+
+def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, log_model=True)
+    out = root / "train"
+    summary = run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)
+    for name in ("model.pt", "last.pt", "history.tsv", "config.yaml", "plan.json", "run.json"):
+        assert (out / name).exists(), name
+    plan = read_json(out / "plan.json")
+    assert plan["overrides"]["patch_size_vox"] == [16, 16, 8] and plan["resolved_train"]["network"] == "dynunet"
+    assert plan["fingerprint"]["n_cases"] == 4
+    _, trained = load_model(out / "model.pt", "cpu")  # what `medseg infer` does
+    assert trained.train.channels == (4, 8, 16) and trained.train.strides is not None
+
+    client = tracking.client(config.tracking)
+    mlrun = client.get_run(summary["run_id"])
+    params, metrics, tags = mlrun.data.params, mlrun.data.metrics, mlrun.data.tags
+    assert params["train.network"] == "dynunet" and params["train.epochs"] == "2"
+    assert params["train.patch_size_vox"] == "[16, 16, 8]" and "plan.resample.target_spacing_mm" in params
+    for key in ("train_loss", "learning_rate", "seconds_per_epoch", "samples_per_second"):
+        assert len(client.get_metric_history(summary["run_id"], key)) == 2, key
+    assert {"val_dice_organ_a", "val_dice_organ_b", "val_dice_mean"} <= set(metrics)
+    assert tags["config_digest"] == config.digest() and len(tags["manifest_sha256"]) >= 12
+    assert tags["git_commit"] and tags["stopped_by"] == "epochs"
+    artifacts = {f.path for f in client.list_artifacts(summary["run_id"], "train")}
+    assert {"train/model.pt", "train/plan.json", "train/history.tsv"} <= artifacts
+    logged = client.search_logged_models(experiment_ids=[mlrun.info.experiment_id])
+    assert logged and logged[0].source_run_id == summary["run_id"]  # the MLflow pytorch model
+
+
+def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, spatial_dims=2, patch_size_vox=[16, 16, 1], network="unet", epochs=2)
+    out = root / "train2d"
+    run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)
+    test = next(e for e in read_manifest(tiny_dataset["manifest"]) if e.split == "test")
+    prediction = infer_run(config, out / "model.pt", test.image, root / "infer" / f"{test.patient_id}.nii.gz")
+    rows = score_patient(config, test.patient_id, prediction, test.label)
+    assert [r["class"] for r in rows] == config.classes
+    assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
+    assert _history(out)[-1]["epoch"] == "2"
+
+
+def test_resume_after_kill_9_continues_the_epochs_and_the_mlflow_run(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=25, iterations_per_epoch=2, val_every_epochs=1)
+    config_path = root / "config.yaml"
+    config_path.write_text(config.to_yaml())
+    out = root / "train"
+    command = [
+        sys.executable, "-m", "medseg.cli", "train", "--config", str(config_path),
+        "--manifest", str(tiny_dataset["manifest"]), "--resample-dir", str(tiny_dataset["resample_dir"]),
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    killed_at = int(loop.load_resume_state(out, _identity(config, tiny_dataset))["epoch"])
+    run_id = read_json(out / "run.json")["run_id"]
+    assert 1 <= killed_at < 25
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {out / 'last.pt'} after epoch {killed_at}" in second.stderr
+    assert read_json(out / "run.json")["run_id"] == run_id
+    assert [int(r["epoch"]) for r in _history(out)] == list(range(1, 26))
+    client = tracking.client(config.tracking)
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "train_loss")})
+    assert steps == list(range(1, 26))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def _identity(config: Config, dataset: dict) -> str:
+    from medseg.train.run import identity
+
+    return identity(config, dataset["manifest"])
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(
+    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=4, val_every_epochs=2, network="unet")
+    args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"])
+    run(*args, root / "straight")
+
+    original = loop.Sampler.start_epoch
+
+    def crash_at_3(self: loop.Sampler, epoch: int) -> None:
+        if epoch == 3:
+            raise KeyboardInterrupt("simulated crash")
+        original(self, epoch)
+
+    monkeypatch.setattr(loop.Sampler, "start_epoch", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args, root / "resumed")
+    monkeypatch.setattr(loop.Sampler, "start_epoch", original)
+    run(*args, root / "resumed")
+    straight, resumed = _history(root / "straight"), _history(root / "resumed")
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3", "4"]
+    for a, b in zip(straight, resumed, strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
+        assert float(a["learning_rate"]) == pytest.approx(float(b["learning_rate"]), rel=1e-6)
+
+
+def test_wall_clock_budget_stops_training(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=500, max_minutes=0.0001, network="unet")
+    summary = run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
+    assert summary["stopped"] == "time budget" and summary["epochs"] == 1
+    assert (root / "train" / "model.pt").exists()
+
+
+def test_early_stopping(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    # a learning rate this small cannot change the validation Dice: every validation after the first is stale
+    config = make_config(root, epochs=20, learning_rate=1e-12, early_stopping_patience=2, network="unet")
+    summary = run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
+    assert summary["stopped"] == "early stopping" and summary["epochs"] == 3 and summary["best_epoch"] == 1
+
+
+def test_k_fold_split_is_by_subject_and_written_down(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    entries = read_manifest(tiny_dataset["manifest"])
+    seen: dict[str, int] = {}
+    for fold in (0, 1):
+        config = make_config(root, folds=2, fold=fold)
+        train, val = split_entries(config, entries, root / f"fold{fold}")
+        folds = read_json(root / f"fold{fold}" / "folds.json")
+        assert folds["folds"] == 2 and folds["fold"] == fold
+        assert {e.patient_id for e in val} == {p for p, f in folds["fold_of"].items() if f == fold}
+        assert not {e.patient_id for e in train} & {e.patient_id for e in val}
+        seen.update({e.patient_id: fold for e in val})
+    pool = {e.patient_id for e in entries if e.split in ("train", "val")}
+    assert set(seen) == pool  # every train/val patient validates in exactly one fold
+
+
+def test_the_demo_config_keeps_the_fast_unet() -> None:
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
+    assert config.train.network == "unet" and config.train.patch_size_vox == (48, 48, 24)
+    assert np.prod(config.train.patch_size_vox) * config.train.batch_size <= 2 * 48 * 48 * 24

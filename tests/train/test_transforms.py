@@ -1,0 +1,116 @@
+"""Augmentation keeps image and mask together: a volume whose intensities encode its own labels must still agree
+with the transformed mask after every spatial transform, over many random draws.
+
+The image is the label one-hot encoded (one channel per class), so that linear interpolation blends codes only
+within a channel and the image decodes by argmax; a single-channel code 0/10/20 would create false 10s on the
+edge between 0 and 20."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from monai.transforms import Compose, RandFlipd
+
+from medseg.config import AugmentConfig
+from medseg.train.transforms import train_transforms
+
+SPATIAL_ONLY = AugmentConfig(
+    flip_prob=0.5,
+    rotation_prob=1.0,
+    rotation_deg=30.0,
+    scale_prob=1.0,
+    scale_range=(0.7, 1.4),
+    elastic_prob=1.0,
+    noise_prob=0.0,
+    blur_prob=0.0,
+    brightness_prob=0.0,
+    contrast_prob=0.0,
+    low_resolution_prob=0.0,
+    gamma_prob=0.0,
+)
+
+
+def coded_volume(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Label 1: an off-centre box; label 2: another box; separated by background so that interpolation between
+    codes 0 and 20 never passes through 10 inside the image."""
+    label = np.zeros(shape, dtype=np.uint8)
+    x, y, z = shape
+    label[2 : x // 2 - 1, 3 : y - 4, 1 : max(z - 2, 2)] = 1
+    label[x // 2 + 2 : x - 3, 2 : y // 2, 0 : max(z // 2, 1)] = 2
+    onehot = np.stack([label == c for c in range(3)]).astype(np.float32)
+    return {"image": onehot, "label": label[None]}
+
+
+def agreement(patch: dict) -> tuple[float, float]:
+    """How far the decoded image and the mask disagree: the share of confidently coded voxels (one channel above
+    0.75, so not a voxel blended across an edge by interpolation) whose code is not their label, and the largest
+    distance (voxels) between the centres of a class in the image and in the mask."""
+    image = np.asarray(patch["image"], dtype=float)
+    label = np.asarray(patch["label"][0]).astype(int)
+    decoded = image.argmax(0)
+    confident = image.max(0) > 0.75
+    wrong = float((decoded != label)[confident].mean())
+    shift = 0.0
+    for c in (1, 2):
+        a, b = np.argwhere(decoded == c), np.argwhere(label == c)
+        if len(a) > 50 and len(b) > 50:  # a sliver of a class at the patch edge has a jumpy centre
+            shift = max(shift, float(np.linalg.norm(a.mean(0) - b.mean(0))))
+    return wrong, shift
+
+
+def check(transform: Compose, volume: dict, draws: int) -> None:
+    for seed in range(draws):
+        transform.set_random_state(seed=seed)
+        for patch in transform(dict(volume)):
+            wrong, shift = agreement(patch)
+            # interpolation may move an edge by up to a voxel (more after a 1.4x zoom); a mismatch moves it by many
+            assert wrong < 0.02 and shift < 2.0, (seed, wrong, shift)
+
+
+def test_every_spatial_transform_moves_image_and_mask_together_3d() -> None:
+    volume = coded_volume((28, 28, 20))
+    transform = train_transforms(SPATIAL_ONLY, (20, 20, 16), spatial_dims=3, samples_per_volume=2)
+    check(transform, volume, draws=25)
+
+
+def test_every_spatial_transform_moves_image_and_mask_together_2d() -> None:
+    volume = coded_volume((28, 28, 3))
+    transform = train_transforms(SPATIAL_ONLY, (20, 20, 1), spatial_dims=2, samples_per_volume=2)
+    for seed in range(25):
+        transform.set_random_state(seed=seed)
+        for patch in transform(dict(volume)):
+            assert patch["image"].shape == (3, 20, 20, 1) and patch["label"].shape == (1, 20, 20, 1)
+            wrong, shift = agreement(patch)
+            # interpolation may move an edge by up to a voxel (more after a 1.4x zoom); a mismatch moves it by many
+            assert wrong < 0.02 and shift < 2.0, (seed, wrong, shift)
+
+
+def test_mirroring_alone_is_exact() -> None:
+    flips_only = AugmentConfig(
+        **{**SPATIAL_ONLY.model_dump(), "rotation_prob": 0.0, "scale_prob": 0.0, "elastic_prob": 0.0}
+    )
+    transform = train_transforms(flips_only, (20, 20, 16), samples_per_volume=2)
+    for seed in range(5):
+        transform.set_random_state(seed=seed)
+        for patch in transform(dict(coded_volume((28, 28, 20)))):
+            assert agreement(patch) == (0.0, 0.0)
+
+
+def test_the_check_catches_a_transform_that_moves_the_image_only() -> None:
+    volume = coded_volume((28, 28, 20))
+    broken = Compose([*train_transforms(SPATIAL_ONLY, (20, 20, 16)).transforms, RandFlipd("image", prob=1.0)])
+    with pytest.raises(AssertionError):
+        check(broken, volume, draws=3)
+
+
+def test_intensity_augmentation_changes_the_image_only() -> None:
+    volume = coded_volume((28, 28, 20))
+    noisy = AugmentConfig(
+        flip_prob=0.0, rotation_prob=0.0, scale_prob=0.0, noise_prob=1.0, gamma_prob=1.0, low_resolution_prob=1.0
+    )
+    transform = train_transforms(noisy, (20, 20, 16), samples_per_volume=1)
+    transform.set_random_state(seed=0)
+    patch = transform(dict(volume))[0]
+    label = np.asarray(patch["label"][0]).astype(int)
+    assert not np.allclose(np.asarray(patch["image"]).argmax(0), np.asarray(patch["image"]).max(0))
+    assert set(np.unique(label)) <= {0, 1, 2} and np.asarray(patch["image"]).std() > 0.05
