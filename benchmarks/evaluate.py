@@ -107,13 +107,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print(f"medseg full metric set:             {med['medseg']:.2f} s per case (runs: {times['medseg']})")
     print(f"MONAI HD95 + surface Dice:          {med['monai']:.2f} s + one-hot {med['monai_onehot']:.2f} s")
-    print(
-        f"speed-up: {monai_total / med['medseg']:.1f}x (incl. one-hot), {med['monai'] / med['medseg']:.1f}x (metrics only)"
-    )
+    with_onehot, metrics_only = monai_total / med["medseg"], med["monai"] / med["medseg"]
+    print(f"speed-up: {with_onehot:.1f}x (incl. one-hot), {metrics_only:.1f}x (metrics only)")
     for name in ("hd95", "nsd"):
-        print(
-            f"{name}: medseg {np.round(results['medseg'][name], 4).tolist()}  MONAI {np.round(results['monai'][name], 4).tolist()}"
-        )
+        ours, theirs = (np.round(results[m][name], 4).tolist() for m in ("medseg", "monai"))
+        print(f"{name}: medseg {ours}  MONAI {theirs}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class AugmentConfig(_Section):
     flip_prob: float = Field(0.5, ge=0, le=1, description="mirroring, per axis")
     rotation_prob: float = Field(0.2, ge=0, le=1)
     rotation_deg: float = Field(30.0, ge=0, le=180, description="+/- range; 3D: every axis, 2D: in-plane")
+    in_plane_only: bool = Field(
+        False, description="3D: rotate about Z and scale X, Y only (nnU-Net's 'dummy 2D' for thick-slice data)"
+    )
     scale_prob: float = Field(0.2, ge=0, le=1)
     scale_range: tuple[float, float] = (0.7, 1.4)
     elastic_prob: float = Field(0.0, ge=0, le=1, description="elastic deformation (3D only; off in nnU-Net)")

@@ -147,11 +147,3 @@ def log_pytorch_model(model: Any, input_example: Any, output_example: Any, name:
         input_example=input_example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
     )
-
-
-def run_status(config: TrackingConfig, run_id: str) -> str | None:
-    """The status of a run (``RUNNING``, ``FINISHED``, ``FAILED``...), or ``None`` if the backend lacks it."""
-    try:
-        return client(config).get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException:
-        return None

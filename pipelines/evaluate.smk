@@ -15,4 +15,4 @@ rule evaluate:
         WF.log("evaluate"),
     threads: 1
     shell:
-        "medseg evaluate --config {params.config} --manifest {input.manifest} --predictions {params.predictions} --output-dir {params.folder} --run-json {input.run} > {log} 2>&1 && cat {log}"
+        "medseg evaluate --config {params.config} --manifest {input.manifest} --predictions {params.predictions} --output-dir {params.folder} --run-json {input.run} --skips-ok > {log} 2>&1 && cat {log}"

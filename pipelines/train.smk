@@ -5,9 +5,10 @@ rule train:
     output:
         model=WF.stage_dir("train") / "model.pt",
         run=WF.stage_dir("train") / "run.json",
+        history=WF.stage_dir("train") / "history.tsv",
     params:
         config=CFG,
-        digest=WF.config.section_digest("train"),
+        digest=WF.config.section_digest("train") + WF.config.section_digest("plan"),
         resample_dir=WF.stage_dir("resample"),
         folder=WF.stage_dir("train"),
     log:

@@ -29,7 +29,10 @@ def _fresh_copy(repo: Path, dest: Path) -> Path:
     """The files a fresh clone has: tracked ones (and new ones not ignored), nothing generated."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=repo, capture_output=True, text=True, check=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for name in listed:
         if (repo / name).is_file():
@@ -97,8 +100,10 @@ def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path) -> None:
     assert "val_dice_mean" in run.data.metrics
     for name in config.classes:
         assert 0.0 <= run.data.metrics[f"test_dice_{name}"] <= 1.0
+    # The run's identity: the workflow's resolved config, and the config training resolved with its data plan.
+    assert run.data.tags["config_digest"] == config.digest()
     trained_with = load_config(wf.stage_dir("train") / "config.yaml")
-    assert run.data.tags["config_digest"] == trained_with.digest()
+    assert run.data.tags["resolved_config_digest"] == trained_with.digest()
     artifacts = {
         f.path for folder in ("train", "evaluate", "manifest") for f in mlflow.list_artifacts(run.info.run_id, folder)
     }

@@ -15,7 +15,9 @@ Cost and memory (why this is not MONAI's ``sliding_window_inference`` defaults p
   (:func:`to_original_grid_bounded`): each slab resamples only the part of the probability map it needs and
   keeps only its argmax, so the full-size grid never holds more than the uint8 label plus one slab of floats.
   Resampling every channel onto a 512 x 512 x 600 grid at once needs several GB (channels, sampling grid,
-  an int64 argmax); the slabbed path's peak is set by ``infer.resample_memory_mb``.
+  an int64 argmax); the slabbed path's peak is set by ``infer.resample_memory_mb``. When the two grids share
+  their directions (always after ``Spacing``), the trilinear interpolation is done as three 1-D passes, about
+  3 x faster than a 3-D sampling grid, with the same values.
 """
 
 from __future__ import annotations
@@ -57,12 +59,9 @@ class WindowPredictor:
         self.reused = 0
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for dims in self.flips:
-            out = self.model(torch.flip(x, dims) if dims else x)
-            out = torch.flip(out, dims) if dims else out
-            total = out if total is None else total + out
-        assert total is not None  # self.flips always holds the identity
+        total = self.model(x)  # self.flips[0] is the identity
+        for dims in self.flips[1:]:
+            total = total + torch.flip(self.model(torch.flip(x, dims)), dims)
         return total / len(self.flips)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +171,51 @@ def _source_box(
     )
 
 
+def _axis_weights(scale: float, offset: float, indices: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower neighbour and weight of the upper one, for source coordinates ``scale * i + offset`` clamped to
+    the grid (``padding_mode="border"``, as ``grid_sample`` clamps)."""
+    u = np.clip(scale * indices + offset, 0, size - 1)
+    lower = np.minimum(np.floor(u), max(size - 2, 0)).astype(np.int64)
+    weight = (u - lower).astype(np.float32)
+    return torch.as_tensor(lower), torch.as_tensor(weight)
+
+
+def _separable_linear(
+    source: torch.Tensor, mapping: np.ndarray, shape: Sequence[int], z0: int, z1: int
+) -> torch.Tensor:
+    """Trilinear resampling of ``source`` ``(C, x, y, z)`` onto slices ``z0:z1`` of the grid ``shape``, for an
+    axis-aligned ``mapping`` (destination voxel -> source voxel): three 1-D passes instead of a 3-D sampling
+    grid over the whole output; the same values as ``grid_sample`` (linear, border).
+
+    The last axis is interpolated by a small matrix product (a gather along the innermost axis is slow); the
+    other two by a pair of gathers and a ``lerp``, the axis that grows most last.
+    """
+    lower, weight = _axis_weights(mapping[2, 2], mapping[2, 3], np.arange(z0, z1), source.shape[3])
+    upper = torch.clamp(lower + 1, max=source.shape[3] - 1)
+    first, last = int(lower.min()), int(upper.max()) + 1  # only the source slices this slab touches
+    columns = torch.arange(z1 - z0)
+    matrix = torch.zeros((last - first, z1 - z0), dtype=source.dtype)
+    matrix.index_put_((lower - first, columns), 1 - weight, accumulate=True)
+    matrix.index_put_((upper - first, columns), weight, accumulate=True)
+    result = torch.matmul(source[..., first:last], matrix)
+    for axis, n in ((1, shape[1]), (0, shape[0])):
+        size = result.shape[axis + 1]
+        lower, weight = _axis_weights(mapping[axis, axis], mapping[axis, 3], np.arange(n), size)
+        upper = torch.clamp(lower + 1, max=size - 1)
+        view = [1, 1, 1, 1]
+        view[axis + 1] = -1
+        result = torch.lerp(
+            result.index_select(axis + 1, lower), result.index_select(axis + 1, upper), weight.view(view)
+        )
+    return result
+
+
+def _argmax_channels(values: torch.Tensor) -> np.ndarray:
+    """Argmax over the first axis, as uint8. NumPy's: torch's ``argmax(dim=0)`` reduces across the strided
+    channel axis about 10 x slower on CPU (measured)."""
+    return values.numpy().argmax(axis=0).astype(np.uint8)
+
+
 def to_original_grid_bounded(
     probabilities: Image, affine: np.ndarray, shape: Sequence[int], memory_mb: float = 128.0
 ) -> Label:
@@ -195,6 +239,14 @@ def to_original_grid_bounded(
     per_slice = shape[0] * shape[1] * 4 * (n_channels + 10)
     slab = int(max(1, min(shape[2], memory_mb * 2**20 // per_slice)))
     out = np.zeros((1, *shape), dtype=np.uint8)
+    mapping = np.linalg.inv(probabilities.affine) @ affine  # original voxel index -> network-grid index
+    if np.allclose(mapping[:3, :3], np.diag(np.diag(mapping[:3, :3])), atol=1e-6):
+        # The usual case (the network grid came from ``Spacing``, same directions): separable interpolation.
+        source = torch.as_tensor(probabilities.array)
+        for z0 in range(0, shape[2], slab):
+            z1 = min(shape[2], z0 + slab)
+            out[0, :, :, z0:z1] = _argmax_channels(_separable_linear(source, mapping, shape, z0, z1))
+        return Label(out, affine)
     for z0 in range(0, shape[2], slab):
         z1 = min(shape[2], z0 + slab)
         slab_affine = affine.copy()

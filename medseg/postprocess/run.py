@@ -71,7 +71,8 @@ def plan_run(
                 ref = read_volume(entry.label, Label)  # type: ignore[arg-type]
                 if not same_grid(pred, ref, config.ingest.label_tolerance_mm):
                     raise GeometryError(
-                        f"{entry.patient_id}: prediction not on the label grid: {describe_grid(pred)} vs {describe_grid(ref)}"
+                        f"{entry.patient_id}: prediction not on the label grid: "
+                        f"{describe_grid(pred)} vs {describe_grid(ref)}"
                     )
             except MedsegError as err:
                 log.error("%s: left out of the plan: %s", entry.patient_id, err)

@@ -4,7 +4,8 @@
 
 nnU-Net's recipe, in its order: foreground-oversampled patches, rotation and scaling, optional elastic
 deformation, Gaussian noise, Gaussian blur, brightness, contrast, simulated low resolution, gamma, mirroring.
-For 2D (patches ``(X, Y, 1)``) rotation is in-plane, scaling and mirroring act on X and Y only.
+For 2D (patches ``(X, Y, 1)``) rotation is in-plane, scaling and mirroring act on X and Y only; 3D with
+``in_plane_only`` rotates and scales in-plane too (thick slices) but mirrors all three axes.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def spatial_transforms(augment: AugmentConfig, spatial_dims: int) -> list[MapTra
     angle = float(np.deg2rad(augment.rotation_deg))
     lo, hi = augment.scale_range
     scale = (lo - 1.0, hi - 1.0)
-    if spatial_dims == 2:
+    if spatial_dims == 2 or augment.in_plane_only:
         rotate: tuple = (0.0, 0.0, (-angle, angle))
         scale_range: tuple = (scale, scale, (0.0, 0.0))
-        flip_axes = (0, 1)
+        flip_axes = (0, 1) if spatial_dims == 2 else (0, 1, 2)
     else:
         rotate = ((-angle, angle),) * 3
         scale_range = (scale, scale, scale)
@@ -131,7 +132,9 @@ def train_transforms(
     neg = 1.0 - foreground_fraction
     return Compose(
         [
-            SpatialPadd(KEYS, spatial_size=patch_size, mode="constant"),
+            # replicate the edge, as sliding-window inference pads (infer.functional): a patch larger than the
+            # volume must look the same in training and at inference
+            SpatialPadd(KEYS, spatial_size=patch_size, mode="edge"),
             RandCropByPosNegLabeld(
                 KEYS,
                 label_key="label",

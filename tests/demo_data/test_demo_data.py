@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK example uses)
 
 from medseg.config import validate_config
 from medseg.demo_data.run import run

@@ -53,12 +53,17 @@ def _scan(shape: tuple[int, int, int] = (40, 36, 14)) -> Image:
     return Image(hu[None].astype(np.float32), affine)
 
 
-def test_bounded_way_back_gives_the_same_labels_as_the_straightforward_one() -> None:
+ALIGNED = np.array([[0.8, 0, 0, 1.1], [0, 0.7, 0, -3.4], [0, 0, 1.2, 0.3], [0, 0, 0, 1]])
+# Axes swapped and one flipped relative to the network grid: the general (MONAI-resampled) slab path.
+OBLIQUE = np.array([[0, 0.7, 0, 1.1], [-0.8, 0, 0, 14.0], [0, 0, 1.2, 0.3], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("fine_affine", [ALIGNED, OBLIQUE], ids=["separable", "general"])
+def test_bounded_way_back_gives_the_same_labels_as_the_straightforward_one(fine_affine: np.ndarray) -> None:
     rng = np.random.default_rng(1)
     logits = torch.as_tensor(rng.normal(size=(3, 12, 10, 7)) * 3)
     probs = torch.softmax(torch.nn.functional.avg_pool3d(logits[None], 3, 1, 1)[0], 0).numpy().astype(np.float32)
     coarse = Image(probs, np.array([[1.7, 0, 0, 2.0], [0, 1.5, 0, -3.0], [0, 0, 3.0, 1.0], [0, 0, 0, 1]]))
-    fine_affine = np.array([[0.8, 0, 0, 1.1], [0, 0.7, 0, -3.4], [0, 0, 1.2, 0.3], [0, 0, 0, 1]])
     fine_shape = (25, 22, 19)
     straight = to_original_grid(coarse, fine_affine, fine_shape)
     # 0.05 MB forces slabs of a few slices, so slab seams and source boxes are exercised.
@@ -77,7 +82,9 @@ def test_predict_returns_labels_on_the_original_grid_and_bounded_equals_straight
     from medseg.infer.functional import predict_probabilities
     from medseg.resample.functional import preprocess
 
-    probs = predict_probabilities(model, preprocess(scan, config.resample), (16, 16, 8), config.infer, torch.device("cpu"))
+    probs = predict_probabilities(
+        model, preprocess(scan, config.resample), (16, 16, 8), config.infer, torch.device("cpu")
+    )
     assert np.array_equal(label.array, to_original_grid(probs, scan.affine, scan.spatial_shape).array)
     assert len(np.unique(label.array)) > 1  # not a degenerate all-one-class map
 
@@ -103,12 +110,7 @@ def test_mirroring_averages_the_flipped_predictions() -> None:
     x = torch.as_tensor(np.random.default_rng(3).normal(size=(2, 1, 16, 16, 8)), dtype=torch.float32)
     with torch.no_grad():
         out = WindowPredictor(model, (0, 2))(x)
-        manual = (
-            model(x)
-            + model(x.flip(2)).flip(2)
-            + model(x.flip(4)).flip(4)
-            + model(x.flip(2, 4)).flip(2, 4)
-        ) / 4
+        manual = (model(x) + model(x.flip(2)).flip(2) + model(x.flip(4)).flip(4) + model(x.flip(2, 4)).flip(2, 4)) / 4
     torch.testing.assert_close(out, manual, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, model(x).detach(), atol=1e-4)  # it did change something
 

@@ -130,10 +130,8 @@ def test_postprocess_plan_and_apply_from_the_cli(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("postprocess:\n  min_component_mm3: 0\n")
     config = ["--config", str(tmp_path / "config.yaml")]
     plan_file = tmp_path / "plan.json"
-    rc = main(
-        ["postprocess-plan", *config, "--manifest", str(tmp_path / "manifest.tsv")]
-        + ["--predictions", str(tmp_path / "pred"), "--output", str(plan_file)]
-    )
+    inputs = ["--manifest", str(tmp_path / "manifest.tsv"), "--predictions", str(tmp_path / "pred")]
+    rc = main(["postprocess-plan", *config, *inputs, "--output", str(plan_file)])
     assert rc == 0
     decision = json.loads(plan_file.read_text())
     assert decision["keep_largest"] == ["organ_a"] and decision["n_cases"] == 3

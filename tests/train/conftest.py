@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ def tiny_dataset(tmp_path: Path) -> dict[str, Any]:
     return {"root": tmp_path, "manifest": manifest, "resample_dir": resample_dir, "rows": rows}
 
 
-def tiny_config(root: Path, **train: Any) -> Config:
-    """A config that trains in seconds: a 3-level network on 16x16x8 patches, 2 epochs of 2 iterations."""
+def tiny_config(root: Path, tracking_dir: Path | None = None, **train: Any) -> Config:
+    """A config that trains in seconds: a 3-level network on 16x16x8 patches, 2 epochs of 2 iterations.
+
+    MLflow goes to ``tracking_dir`` (default ``root``), into an experiment named after ``root``.
+    """
+    tracking_dir = tracking_dir or root
     settings: dict[str, Any] = {
         "channels": [4, 8, 16],
         "patch_size_vox": [16, 16, 8],
@@ -76,15 +81,21 @@ def tiny_config(root: Path, **train: Any) -> Config:
             "train": settings,
             "infer": {"device": "cpu"},
             "tracking": {
-                "uri": f"sqlite:///{root / 'mlflow.db'}",
-                "artifact_dir": str(root / "mlartifacts"),
-                "experiment": "tiny",
+                "uri": f"sqlite:///{tracking_dir / 'mlflow.db'}",
+                "artifact_dir": str(tracking_dir / "mlartifacts" / root.name),
+                "experiment": f"tiny-{root.name}",
             },
         }
     )
 
 
+@pytest.fixture(scope="session")
+def tracking_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow database for the session: creating a SQLite backend costs seconds of migrations."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
 @pytest.fixture
-def make_config() -> Any:
-    """:func:`tiny_config` as a fixture (test folders are not packages, so tests cannot import conftest)."""
-    return tiny_config
+def make_config(tracking_dir: Path) -> Any:
+    """:func:`tiny_config` with the session's MLflow database (test folders are not packages: no imports)."""
+    return functools.partial(tiny_config, tracking_dir=tracking_dir)
