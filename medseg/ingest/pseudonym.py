@@ -71,16 +71,3 @@ class Redactor:
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
         return UID_SHAPE.sub(REDACTED, text)
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts identity values from every record that passes through a handler."""
-
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__()
-        self.redactor = redactor
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.redactor(record.getMessage())
-        record.args = None
-        return True
