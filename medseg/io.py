@@ -150,7 +150,7 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     array = volume.array[0] if volume.array.shape[0] == 1 else np.moveaxis(volume.array, 0, -1)
     if isinstance(volume, Label):
         array = array.astype(np.uint8 if array.max(initial=0) < 256 else np.int16)
-    else:
+    elif array.dtype not in (np.int16, np.int32):  # a scanner's exact integers (CT in HU from DICOM), kept so
         array = array.astype(np.float32)
     img = nib.Nifti1Image(array, volume.affine)
     img.set_qform(volume.affine, code=1)

@@ -3,7 +3,14 @@
 Why our own reader rather than SimpleITK's ImageSeriesReader: SimpleITK stacks whatever files it is given. It
 does not refuse a series with a missing slice or uneven gaps (it warns and averages the step), it cannot tell us
 *which* slice is missing, and it does not read multi-frame objects slice by slice. pydicom (with pylibjpeg for
-JPEG 2000 / JPEG lossless) does the decoding; here we only order frames and check the geometry.
+JPEG 2000 / JPEG lossless) reads the headers and, with our own fast path, uncompressed pixel data; compressed
+single-frame files are decoded by GDCM (through SimpleITK, already a dependency) in a thread pool, because its
+decoders release the GIL where pylibjpeg's hold it, and checked against pydicom on the first slice of each
+series. Here we order frames and check the geometry.
+
+The volume keeps the scanner's integers (int16) when the rescale is the identity slope with a whole-number
+intercept and the values fit, as CT almost always is: what SimpleITK and dcm2niix write too, half the bytes of
+float32. Otherwise it is float32 in real-world units (int32 where whole values do not fit int16).
 """
 
 from __future__ import annotations
@@ -232,27 +239,125 @@ def _raw_pixels(ds: Dataset, shape: tuple[int, int]) -> np.ndarray | None:
     return np.frombuffer(data, dtype=dtype, count=n).reshape(shape)
 
 
-def _decode_into(frame: Frame, out: np.ndarray) -> None:
-    """Decode and rescale one frame straight into ``out`` ``(rows, columns)`` float32, without temporaries."""
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0):
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def output_dtype(frames: Sequence[Frame]) -> np.dtype:
+    """int16 when every frame's rescale is slope 1 with a whole intercept and every possible stored and
+    rescaled value fits int16; int32 when the rescale is such but the possible range is wider (the values are
+    then checked after decoding, see :func:`load_series`); float32 otherwise."""
+    info = np.iinfo(np.int16)
+    dtype = np.dtype(np.int16)
+    for frame in frames:
+        if frame.slope != 1.0 or frame.intercept != round(frame.intercept):
+            return np.dtype(np.float32)
+        if int(frame.dataset.get("SamplesPerPixel", 1) or 1) != 1:
+            return np.dtype(np.float32)
+        lo, hi = _stored_range(frame.dataset)
+        if lo < info.min or hi > info.max or lo + frame.intercept < info.min or hi + frame.intercept > info.max:
+            dtype = np.dtype(np.int32)
+    return dtype
+
+
+def _name(frame: Frame) -> str:
+    return Path(frame.dataset.filename or "?").name
+
+
+def _stored_pixels(frame: Frame) -> np.ndarray:
+    """The frame's stored values, through our uncompressed fast path or pydicom's decoders."""
     stored = _raw_pixels(frame.dataset, frame.shape) if frame.index is None else None
     if stored is None:
         try:
             stored = frame.dataset.pixel_array
         except Exception as err:  # decoder errors come in many types
-            name = Path(frame.dataset.filename or "?").name
-            raise ImageReadError(f"{name}: cannot decode pixel data ({type(err).__name__}: {err})") from err
+            raise ImageReadError(f"{_name(frame)}: cannot decode pixel data ({type(err).__name__}: {err})") from err
         if frame.index is not None:
             stored = stored[frame.index]
+    return stored
+
+
+def _decode_into(frame: Frame, out: np.ndarray) -> None:
+    """Decode and rescale one frame straight into ``out`` ``(rows, columns)`` (int16 or float32)."""
+    stored = _stored_pixels(frame)
+    if out.dtype.kind == "i":  # slope 1 and a whole intercept; output_dtype chose a type that holds the values
+        np.copyto(out, stored, casting="unsafe")
+        if frame.intercept:
+            out += out.dtype.type(frame.intercept)
+        return
     np.multiply(stored, np.float32(frame.slope), out=out, casting="unsafe")
     if frame.intercept:
         out += np.float32(frame.intercept)
 
 
+def _gdcm_rescaled(frame: Frame) -> np.ndarray | None:
+    """The frame decoded and rescaled by GDCM (SimpleITK), or None when GDCM cannot read it."""
+    import SimpleITK as sitk  # noqa: N813 (its usual name); imported here: only compressed series need it
+
+    if not frame.dataset.filename:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(frame.dataset.filename))
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        return None
+    array = sitk.GetArrayFromImage(image)  # a copy: a view would outlive the image it points into
+    return array[0] if array.ndim == 3 else array
+
+
+def _compressed(frame: Frame) -> bool:
+    meta = getattr(frame.dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return frame.index is None and syntax is not None and syntax not in UNCOMPRESSED_LITTLE_ENDIAN
+
+
+def _read_and_decode(path: str | Path) -> tuple[list[Frame], np.ndarray | None]:
+    """One file's frames (pydicom) and, for a compressed single-frame file, its pixels decoded by GDCM in the
+    same worker thread, so that decoding overlaps the reading of other files."""
+    frames = _read_file(path)
+    if len(frames) != 1 or not _compressed(frames[0]):
+        return frames, None
+    values = _gdcm_rescaled(frames[0])
+    if values is not None and values.dtype == np.float64:
+        values = values.astype(np.float32)
+    return frames, values
+
+
+def _fill_stack(ordered: Sequence[Frame], stack: np.ndarray, decoded: dict[int, np.ndarray]) -> None:
+    """Fill ``stack`` ``(slices, rows, columns)``: frames GDCM decoded (``decoded``, keyed by ``id`` of the
+    frame's dataset) are copied in, after checking on the first of them that pydicom decodes it to the same
+    values; everything else is decoded here by pydicom (which also names the file when a frame cannot be
+    decoded at all)."""
+    gdcm = [k for k, frame in enumerate(ordered) if id(frame.dataset) in decoded]
+    if gdcm:
+        first = gdcm[0]
+        _decode_into(ordered[first], stack[first])
+        check = decoded[id(ordered[first].dataset)]
+        agree = check.shape == stack[first].shape and np.allclose(check, stack[first], rtol=1e-6, atol=1e-4)
+        # where GDCM reads these files differently, pydicom's decoders take the whole series
+        gdcm = gdcm if agree else []
+    done = set()
+    for k in gdcm:
+        values = decoded[id(ordered[k].dataset)]
+        if values.shape == stack[k].shape:
+            np.copyto(stack[k], values, casting="unsafe")
+            done.add(k)
+    for k, frame in enumerate(ordered):
+        if k not in done:
+            _decode_into(frame, stack[k])
+
+
 def load_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers: int | None = None) -> SeriesVolume:
     """Read DICOM files of one series as a volume in RAS (not yet reoriented).
 
-    Each file is read once (header and pixel bytes together), in a thread pool so that file reading overlaps;
-    pydicom decodes compressed pixel data with pylibjpeg (openjpeg for JPEG 2000, libjpeg for JPEG lossless).
+    Each file is read once by pydicom (header and pixel bytes together) in a thread pool, and a compressed
+    single-frame file is decoded by GDCM in the same thread (see the module docstring); multi-frame objects are
+    decoded by pydicom with pylibjpeg (openjpeg for JPEG 2000, libjpeg for JPEG lossless).
 
     Args:
         files: every file of the series, any order; classic single-frame or one multi-frame object.
@@ -268,16 +373,23 @@ def load_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers
     """
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        frames = [f for file_frames in pool.map(_read_file, files) for f in file_frames]
+        results = list(pool.map(_read_and_decode, files))
+    frames = [f for file_frames, _ in results for f in file_frames]
+    decoded = {id(file_frames[0].dataset): values for file_frames, values in results if values is not None}
     ordered, lps_affine = stack_geometry(frames, tolerance_mm)
     # Slices are stacked as (slice, row, column), each a contiguous block; the (1, X, Y, Z) volume is a transposed
     # view of it. Writing each slice into a Z-last array instead costs a strided pass over the whole volume per
     # slice (it was most of the reading time of an uncompressed series).
-    stack = np.empty((len(ordered), *ordered[0].shape), dtype=np.float32)
-    # Decoding stays in this thread: on our 2-core machines neither decoding threads (openjpeg gave no speed-up)
-    # nor a process pool (it lost more to pickling slices than it won) beat a plain loop; see BENCHMARKS.md.
-    for k, frame in enumerate(ordered):
-        _decode_into(frame, stack[k])
+    stack = np.empty((len(ordered), *ordered[0].shape), dtype=output_dtype(ordered))
+    # Compressed slices were decoded by GDCM in the reading threads (pylibjpeg holds the GIL; a process pool lost
+    # more to pickling than it won); uncompressed ones are copied here (threads gain nothing on a memory copy).
+    _fill_stack(ordered, stack, decoded)
+    del decoded
+    if stack.dtype == np.int32 and stack.size:
+        # e.g. 16-bit signed storage with intercept -1024: the possible range exceeds int16, real CT values do not
+        info = np.iinfo(np.int16)
+        if info.min <= int(stack.min()) and int(stack.max()) <= info.max:
+            stack = stack.astype(np.int16)
     volume = stack.transpose(2, 1, 0)[None]
     uids = [str(f.dataset.get("SOPInstanceUID", "")) for f in ordered]
     facts = acquisition_facts(ordered[0].dataset, lps_affine, volume.shape)
@@ -292,7 +404,8 @@ def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05) -> tupl
         tolerance_mm: see :func:`stack_geometry`.
 
     Returns:
-        ``(image, facts)``: the volume ``(1, columns, rows, slices)`` in real-world units (HU for CT) with
+        ``(image, facts)``: the volume ``(1, columns, rows, slices)`` in real-world units (HU for CT; int16 when
+        that is exact, else float32) with
         its RAS affine, and non-identifying acquisition facts for the sidecar.
 
     Raises:

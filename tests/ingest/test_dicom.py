@@ -244,3 +244,34 @@ def test_fast_uncompressed_path_equals_pydicom_pixel_array(shared_data):
             np.testing.assert_array_equal(raw, ds.pixel_array)
             assert raw.dtype == ds.pixel_array.dtype
     assert 3 <= taken < len(files)
+
+
+def test_compressed_series_decode_through_gdcm_equals_pydicom(shared_data, monkeypatch):
+    from medseg.ingest import dicom
+
+    files = sorted((shared_data / "dicom" / "ct_totalsegmentator" / "example_ct_dicom").iterdir())
+    calls = []
+    real = dicom._gdcm_rescaled
+    monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: calls.append(1) or real(frame))
+    through_gdcm = dicom.load_series(files).image
+    assert len(calls) == len(files)  # every slice, in the reading threads
+    assert through_gdcm.array.dtype == np.int16  # slope 1, intercept -1024, 12 bits: exact in int16
+
+    monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: None)  # GDCM unavailable: pydicom decodes all
+    np.testing.assert_array_equal(dicom.load_series(files).image.array, through_gdcm.array)
+
+    # GDCM disagreeing with pydicom on the first slice: the whole series goes through pydicom
+    monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: real(frame) + 1)
+    np.testing.assert_array_equal(dicom.load_series(files).image.array, through_gdcm.array)
+
+
+def test_volume_is_int16_only_when_that_is_exact(tmp_path):
+    hu = _hu(shape=(8, 8, 3))
+    exact = read_series(write_ct_series(hu, _geometry(), Identity("A^B", "1"), tmp_path / "a"))[0]
+    assert exact.array.dtype == np.int16  # signed 16-bit storage, intercept -1024: checked on the values
+    wide = write_ct_series(hu + 40000, _geometry(), Identity("A^B", "1"), tmp_path / "w", rescale_intercept=39000)
+    assert read_series(wide)[0].array.dtype == np.int32
+    halves = write_ct_series(hu, _geometry(), Identity("A^B", "1"), tmp_path / "b", rescale_slope=0.5)
+    scaled = read_series(halves)[0]
+    assert scaled.array.dtype == np.float32
+    np.testing.assert_array_equal(scaled.array, exact.array.astype(np.float32))
