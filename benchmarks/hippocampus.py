@@ -8,8 +8,10 @@ x class) and ``summary.json`` in the working directory. Without ``--test-dir`` t
 ``HOLDOUT`` (every 5th case of the sorted 208-case training folder) is held out for testing.
 
 Recipes, each given ``--minutes`` of training:
-- ``medseg``: ``medseg.train`` with its library defaults (data plan, DynUNet with deep supervision, Dice+CE,
-  AdamW with warm-up and cosine decay on the time budget, nnU-Net augmentation), MR per-case z-score.
+- ``medseg``: ``medseg.train`` with its library defaults: the data plan (on a CPU: MONAI's residual UNet 16-128
+  and the light augmentation preset; on a GPU: DynUNet 32-256 with deep supervision and nnU-Net's augmentation),
+  Dice+CE, AdamW with warm-up and cosine decay on the time budget, MR per-case z-score, the best of 8 validation
+  cases' checkpoints; scored with the default ``infer`` config (``mirror: auto`` mirrors a one-window scan).
 - ``monai``: a plain MONAI 3D UNet (16-128 channels), Dice+CE, Adam, flips and a light affine on whole volumes
   padded to 48x64x48, per-case z-score.
 """

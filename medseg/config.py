@@ -99,8 +99,14 @@ class ResampleConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Training augmentation (nnU-Net's recipe by default). Spatial transforms move image and mask together."""
+    """Training augmentation. Spatial transforms move image and mask together.
 
+    The values below are nnU-Net's recipe (``preset: nnunet``). ``preset: light`` (flips, milder rotation and
+    scaling, mild intensity changes, no blur or simulated low resolution) suits the few thousand iterations a CPU
+    budget buys; ``auto`` picks nnunet on a GPU and light on a CPU. A key set in the config wins over the preset.
+    """
+
+    preset: Literal["auto", "nnunet", "light"] = "auto"
     flip_prob: float = Field(0.5, ge=0, le=1, description="mirroring, per axis")
     rotation_prob: float = Field(0.2, ge=0, le=1)
     rotation_deg: float = Field(30.0, ge=0, le=180, description="+/- range; 3D: every axis, 2D: in-plane")
@@ -125,7 +131,10 @@ class AugmentConfig(_Section):
 class TrainConfig(_Section):
     """Training. Keys left ``null`` are resolved from the data plan (``plan.json``); a value here overrides it."""
 
-    network: Literal["dynunet", "unet", "segresnet"] = "dynunet"
+    network: Literal["auto", "dynunet", "unet", "segresnet"] = Field(
+        "auto",
+        description="auto: the plan picks dynunet (nnU-Net's) on a GPU, MONAI's residual unet on a CPU (faster there)",
+    )
     spatial_dims: Literal[2, 3] = Field(3, description="2: the network sees XY slices (patch Z must be 1)")
     channels: tuple[int, ...] | None = Field(None, description="features per level; null: from the plan")
     strides: tuple[int | tuple[int, ...], ...] | None = Field(
@@ -197,7 +206,7 @@ class PlanConfig(_Section):
     base_features: int | None = Field(
         None,
         ge=4,
-        description="features of the first level; null: 32 on a GPU (nnU-Net), 8 on a CPU where iterations are scarce",
+        description="features of the first level; null: 32 on a GPU (nnU-Net), 16 on a CPU (8 for a dynunet there)",
     )
     max_features: int = Field(256, ge=8)
     min_feature_map_vox: int = Field(4, ge=2, description="stop down-sampling an axis below this size")
@@ -212,7 +221,12 @@ class InferConfig(_Section):
     sw_batch_size: int | None = Field(
         None, ge=1, description="windows per forward pass; null: sized to the device (CPU 8, CUDA from free memory)"
     )
-    mirror: bool = Field(False, description="mirroring test-time augmentation: average over flips of mirror_axes")
+    mirror: bool | Literal["auto"] = Field(
+        "auto",
+        description="mirroring test-time augmentation (average over the 2^n flips of mirror_axes); auto: on a GPU, "
+        "and on a CPU for scans of at most mirror_auto_max_windows windows, where it costs little",
+    )
+    mirror_auto_max_windows: int = Field(8, ge=0, description="auto mirroring on a CPU: largest scan, in windows")
     mirror_axes: tuple[int, ...] = Field((0, 1, 2), description="array axes to flip; all 2^n combinations are used")
     resample_memory_mb: float = Field(
         128.0, gt=0, description="working memory of the resampling back to the original grid, done in slabs"

@@ -18,7 +18,7 @@ def test_default_yaml_matches_the_model_defaults_outside_train(repo: Path) -> No
     # deliberate exception: the demo trains a lighter UNet recipe for minutes on a CPU (see its comment).
     demo, defaults = load_config(repo / "configs" / "default.yaml").to_dict(), Config().to_dict()
     assert {k: v for k, v in demo.items() if k != "train"} == {k: v for k, v in defaults.items() if k != "train"}
-    assert demo["train"]["network"] == "unet" and defaults["train"]["network"] == "dynunet"
+    assert demo["train"]["network"] == "unet" and defaults["train"]["network"] == "auto"
 
 
 def test_misspelt_section_is_named() -> None:

@@ -144,9 +144,10 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
     assert config.train.patch_size_vox is not None
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
     n = config.num_classes
+    infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
     for item in items:
         probs = predict_probabilities(
-            model, Image(item["image"], np.eye(4)), config.train.patch_size_vox, config.infer, device
+            model, Image(item["image"], np.eye(4)), config.train.patch_size_vox, infer, device
         )
         pred = torch.as_tensor(probs.array.argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]

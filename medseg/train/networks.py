@@ -50,8 +50,8 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
         ValueError: the config was not resolved (``channels`` or ``strides`` still null).
     """
     dims = spatial_dims or config.spatial_dims
-    if config.channels is None or config.strides is None:
-        raise ValueError("train.channels and train.strides must be resolved (see medseg.train.plan) first")
+    if config.channels is None or config.strides is None or config.network == "auto":
+        raise ValueError("train.network, channels and strides must be resolved (see medseg.train.plan) first")
     channels = list(config.channels)
     strides = [_per_axis(s, dims) for s in config.strides]
     net: torch.nn.Module

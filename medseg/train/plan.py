@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import Config, PlanConfig, TrainConfig
+from medseg.config import AugmentConfig, Config, PlanConfig, TrainConfig
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,50 @@ def _divisible(patch: list[int], strides: list[list[int]]) -> list[int]:
     return [int(math.ceil(p / f) * f) for p, f in zip(patch, factor, strict=True)]
 
 
-CPU_BASE_FEATURES = 8  # measured: DynUNet 8-64 trains ~2.4x faster than 16-128 on 2 CPU cores (BENCHMARKS.md)
 GPU_BASE_FEATURES = 32  # nnU-Net's
+# On a CPU iterations are scarce (benchmarks/train_speed.py, BENCHMARKS.md): MONAI's residual UNet, whose first
+# convolution already halves the grid, runs an iteration 2.6x faster than a DynUNet with half its features, which
+# convolves twice at full resolution on every level of the way down and up.
+CPU_NETWORK = "unet"
+CPU_BASE_FEATURES = {"unet": 16, "segresnet": 16, "dynunet": 8}
+
+
+# A CPU budget buys a few thousand iterations, not nnU-Net's 250,000: there its augmentation (rotations to 30 deg
+# about every axis, zoom 0.7-1.4, blur, simulated low resolution) slows learning more than it regularises. Measured
+# on the hippocampus benchmark (BENCHMARKS.md); also about 3x cheaper per sample.
+LIGHT_AUGMENT: dict[str, Any] = {
+    "flip_prob": 0.5,
+    "rotation_prob": 0.3,
+    "rotation_deg": 15.0,
+    "scale_prob": 0.3,
+    "scale_range": (0.9, 1.1),
+    "elastic_prob": 0.0,
+    "noise_prob": 0.1,
+    "noise_std": 0.05,
+    "blur_prob": 0.0,
+    "brightness_prob": 0.15,
+    "brightness_range": (0.9, 1.1),
+    "contrast_prob": 0.15,
+    "contrast_range": (0.9, 1.1),
+    "low_resolution_prob": 0.0,
+    "gamma_prob": 0.15,
+    "gamma_range": (0.8, 1.25),
+}
+
+
+def resolve_augment(augment: AugmentConfig, planned: str) -> AugmentConfig:
+    """The augmentation with ``preset: auto`` replaced by the plan's preset; keys the user set are kept."""
+    preset = augment.preset if augment.preset != "auto" else planned
+    values = LIGHT_AUGMENT if preset == "light" else {}
+    update = {k: v for k, v in values.items() if k not in augment.model_fields_set}
+    return augment.model_copy(update={**update, "preset": preset})
+
+
+def choose_network(requested: str, device_type: str) -> str:
+    """``train.network``; ``auto`` is DynUNet (nnU-Net's) on a GPU and MONAI's residual UNet on a CPU."""
+    if requested != "auto":
+        return requested
+    return "dynunet" if device_type == "cuda" else CPU_NETWORK
 
 
 def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> dict[str, Any]:
@@ -125,7 +167,8 @@ def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> d
         fp: output of :func:`fingerprint`.
         config: the run's config; ``resample.normalization`` states the modality, ``plan`` the budgets,
             ``train.spatial_dims`` 2D or 3D.
-        device_type: ``cpu`` or ``cuda``: sizes the network when ``plan.base_features`` is null.
+        device_type: ``cpu`` or ``cuda``: picks the network when ``train.network`` is ``auto`` and sizes it when
+            ``plan.base_features`` is null.
 
     Returns:
         ``{"resample": {...}, "train": {...}, "fingerprint": fp}``: target spacing, normalisation (CT: clip to
@@ -147,7 +190,8 @@ def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> d
         patch[a] = max(int(patch[a] * 0.9), pc.min_feature_map_vox)
     strides, kernels = topology(patch, spacing[:axes], pc.min_feature_map_vox)
     patch = _divisible(patch, strides)
-    base = pc.base_features or (GPU_BASE_FEATURES if device_type == "cuda" else CPU_BASE_FEATURES)
+    network = choose_network(config.train.network, device_type)
+    base = pc.base_features or (GPU_BASE_FEATURES if device_type == "cuda" else CPU_BASE_FEATURES[network])
     channels = [min(base * 2**i, pc.max_features) for i in range(len(kernels))]
     patch_vox = int(np.prod(patch))
     # nnU-Net's rule: a batch covers at most 5% of the dataset's voxels, and at least 2 patches
@@ -167,6 +211,8 @@ def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> d
     return {
         "resample": {"target_spacing_mm": spacing, "normalization": normalization},
         "train": {
+            "network": network,
+            "augment_preset": "nnunet" if device_type == "cuda" else "light",
             "spatial_dims": dims,
             "patch_size_vox": patch + [1] * (3 - axes),
             "batch_size": batch,
@@ -186,10 +232,12 @@ def _uniform(strides: list[list[int]]) -> list[int]:
 def resolve_train(train: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
     """The train config with every ``null`` key taken from the plan; set keys are kept (the user's override).
 
+    ``network: auto`` takes the plan's network, ``augment.preset: auto`` the plan's augmentation preset.
     ``unet`` and ``segresnet`` take the plan's levels; ``segresnet`` halves every axis per level, so its patch is
     rounded up to fit.
     """
     p = plan["train"]
+    network = train.network if train.network != "auto" else p.get("network", "dynunet")
     channels = train.channels if train.channels is not None else tuple(p["channels"])
     levels = len(channels)
     strides = train.strides
@@ -205,13 +253,15 @@ def resolve_train(train: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
             planned_k.append(tuple([3] * train.spatial_dims))
         kernels = tuple(planned_k)
     patch = train.patch_size_vox if train.patch_size_vox is not None else tuple(p["patch_size_vox"])
-    if train.network == "segresnet":
+    if network == "segresnet":
         f = 2 ** (levels - 1)
         axes = 2 if train.spatial_dims == 2 else 3
         patch = tuple(int(math.ceil(s / f) * f) if a < axes else s for a, s in enumerate(patch))
     batch = train.batch_size if train.batch_size is not None else int(p["batch_size"])
     return train.model_copy(
         update={
+            "network": network,
+            "augment": resolve_augment(train.augment, p.get("augment_preset", "nnunet")),
             "channels": tuple(channels),
             "strides": tuple(strides),
             "kernel_sizes": tuple(kernels),

@@ -13,8 +13,10 @@ from medseg.config import Config
 from medseg.infer.functional import (
     WindowPredictor,
     auto_batch_size,
+    mirroring,
     to_original_grid,
     to_original_grid_bounded,
+    window_count,
 )
 from medseg.infer.run import load_model, predict, run
 from medseg.io import read_volume, write_volume
@@ -72,6 +74,24 @@ def test_bounded_way_back_gives_the_same_labels_as_the_straightforward_one(fine_
     assert np.array_equal(bounded.array, straight.array)
 
 
+@pytest.mark.parametrize("fine_affine", [ALIGNED, OBLIQUE], ids=["separable", "general"])
+def test_way_back_is_exact_when_only_a_small_region_is_foreground(fine_affine: np.ndarray) -> None:
+    # background wins everywhere but in a blob: the separable path resamples only the blob's box
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 12, 10, 7)) * 0.5
+    logits[0] += 3.0
+    logits[1:, 5:8, 3:6, 2:5] += rng.uniform(3.0, 6.0, size=(2, 3, 3, 3))
+    probs = torch.softmax(torch.as_tensor(logits), 0).numpy().astype(np.float32)
+    coarse = Image(probs, np.array([[1.7, 0, 0, 2.0], [0, 1.5, 0, -3.0], [0, 0, 3.0, 1.0], [0, 0, 0, 1]]))
+    fine_shape = (25, 22, 19)
+    straight = to_original_grid(coarse, fine_affine, fine_shape)
+    bounded = to_original_grid_bounded(coarse, fine_affine, fine_shape, memory_mb=0.05)
+    assert 0 < np.count_nonzero(straight.array) < straight.array.size // 10
+    assert np.array_equal(bounded.array, straight.array)
+    empty = Image(np.stack([np.full((12, 10, 7), 0.9), np.full((12, 10, 7), 0.1)]).astype(np.float32), coarse.affine)
+    assert not to_original_grid_bounded(empty, fine_affine, fine_shape).array.any()
+
+
 def test_predict_returns_labels_on_the_original_grid_and_bounded_equals_straightforward() -> None:
     config = _config(resample_memory_mb=0.1)
     model, scan = _model(config), _scan()
@@ -117,10 +137,24 @@ def test_mirroring_averages_the_flipped_predictions() -> None:
 
 def test_mirror_flag_reaches_prediction() -> None:
     scan = _scan((24, 20, 8))
-    plain = predict(_model(_config()), _config(), scan, _config(), torch.device("cpu"))
+    plain = predict(_model(_config()), _config(), scan, _config(mirror=False), torch.device("cpu"))
     mirrored = predict(_model(_config()), _config(), scan, _config(mirror=True), torch.device("cpu"))
     assert mirrored.spatial_shape == plain.spatial_shape
     assert not np.array_equal(mirrored.array, plain.array)  # a random model is not flip-invariant
+
+
+def test_auto_mirroring_follows_the_cost() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = _config().infer
+    assert window_count((40, 56, 40), (40, 56, 40), 0.5) == 1
+    assert window_count((100, 56, 30), (40, 56, 40), 0.5) == 4  # (100 - 40) / 20 + 1 along X
+    assert mirroring(auto, (35, 50, 35), (40, 56, 40), cpu)  # a hippocampus: one window
+    assert not mirroring(auto, (256, 256, 120), (48, 48, 24), cpu)  # a CT: hundreds
+    assert mirroring(auto, (256, 256, 120), (48, 48, 24), cuda)
+    assert not mirroring(_config(mirror=False).infer, (35, 50, 35), (40, 56, 40), cuda)
+    scan = _scan((24, 20, 8))
+    mirrored = predict(_model(_config()), _config(), scan, _config(mirror=True), torch.device("cpu"))
+    assert np.array_equal(predict(_model(_config()), _config(), scan, _config(), cpu).array, mirrored.array)
 
 
 def test_auto_batch_size_on_cpu() -> None:

@@ -24,7 +24,7 @@ def test_networks_map_patches_to_logits(network: str, dims: int) -> None:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_dynunet_deep_supervision_heads_in_training(dims: int) -> None:
     strides = ((2, 2), (2, 2), (2, 2)) if dims == 2 else ((2, 2, 2), (2, 2, 2), (2, 2, 1))
-    cfg = TrainConfig(spatial_dims=dims, channels=(4, 8, 16, 32), strides=strides)
+    cfg = TrainConfig(network="dynunet", spatial_dims=dims, channels=(4, 8, 16, 32), strides=strides)
     model = build_network(cfg, num_classes=3).train()
     x = torch.randn(2, 1, 16, 16, 8 if dims == 3 else 2)
     assert model(x).shape == (2, 3, 3, *x.shape[2:])  # (B, heads, C, ...): full-res head + 2 deeper

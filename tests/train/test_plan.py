@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.config import Config, validate_config
+from medseg.config import AugmentConfig, Config, validate_config
 from medseg.train.plan import fingerprint, make_plan, resolve_train, target_spacing, topology
 from medseg.volume import Image, Label
 
@@ -55,8 +55,11 @@ def test_plan_patch_fits_the_budget_and_the_strides(tmp_path) -> None:
         assert patch[axis] % int(np.prod([s[axis] for s in strides])) == 0
     assert np.prod(patch) <= 2 * 20_000  # rounding up to the strides may exceed the budget a little
     assert plan["train"]["batch_size"] >= 2
-    assert plan["train"]["channels"][0] == 8  # CPU default
-    assert make_plan(fingerprint(cases, 3), config, "cuda")["train"]["channels"][0] == 32
+    assert plan["train"]["network"] == "unet" and plan["train"]["channels"][0] == 16  # CPU default
+    on_gpu = make_plan(fingerprint(cases, 3), config, "cuda")["train"]
+    assert on_gpu["network"] == "dynunet" and on_gpu["channels"][0] == 32
+    dyn_on_cpu = validate_config({"train": {"network": "dynunet"}, "resample": {"normalization": "zscore"}})
+    assert make_plan(fingerprint(cases, 3), dyn_on_cpu, "cpu")["train"]["channels"][0] == 8
     assert plan["resample"]["normalization"]["scheme"] == "zscore"
 
 
@@ -70,6 +73,19 @@ def test_config_values_override_the_plan() -> None:
     config = validate_config({"train": {"patch_size_vox": [32, 32, 16], "batch_size": 5}})
     plan = make_plan(fingerprint([_case((40, 40, 20), (1.0, 1.0, 1.0), 1.0)], 3), config, "cpu")
     resolved = resolve_train(config.train, plan)
+    assert resolved.network == "unet"  # auto, resolved for the CPU
     assert resolved.patch_size_vox == (32, 32, 16) and resolved.batch_size == 5
     assert resolved.channels == tuple(plan["train"]["channels"])
     assert len(resolved.strides) == len(resolved.channels) - 1 == len(resolved.kernel_sizes) - 1
+
+
+def test_augmentation_preset_follows_the_device_and_keeps_user_keys() -> None:
+    config = validate_config({"train": {"augment": {"noise_prob": 0.4}}, "resample": {"normalization": "zscore"}})
+    cases = [_case((40, 40, 20), (1.0, 1.0, 1.0), 1.0)]
+    on_cpu = resolve_train(config.train, make_plan(fingerprint(cases, 3), config, "cpu")).augment
+    assert on_cpu.preset == "light" and on_cpu.rotation_deg == 15.0 and on_cpu.low_resolution_prob == 0.0
+    assert on_cpu.noise_prob == 0.4  # set by the user: kept
+    on_gpu = resolve_train(config.train, make_plan(fingerprint(cases, 3), config, "cuda")).augment
+    assert on_gpu.preset == "nnunet" and on_gpu == AugmentConfig(preset="nnunet", noise_prob=0.4)
+    forced = validate_config({"train": {"augment": {"preset": "nnunet"}}, "resample": {"normalization": "zscore"}})
+    assert resolve_train(forced.train, make_plan(fingerprint(cases, 3), forced, "cpu")).augment.rotation_deg == 30.0

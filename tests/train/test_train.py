@@ -36,7 +36,8 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     for name in ("model.pt", "last.pt", "history.tsv", "config.yaml", "plan.json", "run.json"):
         assert (out / name).exists(), name
     plan = read_json(out / "plan.json")
-    assert plan["overrides"]["patch_size_vox"] == [16, 16, 8] and plan["resolved_train"]["network"] == "dynunet"
+    # network: auto on a CPU
+    assert plan["overrides"]["patch_size_vox"] == [16, 16, 8] and plan["resolved_train"]["network"] == "unet"
     assert plan["fingerprint"]["n_cases"] == 4
     _, trained = load_model(out / "model.pt", "cpu")  # what `medseg infer` does
     assert trained.train.channels == (4, 8, 16) and trained.train.strides is not None
@@ -44,7 +45,7 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     client = tracking.client(config.tracking)
     mlrun = client.get_run(summary["run_id"])
     params, metrics, tags = mlrun.data.params, mlrun.data.metrics, mlrun.data.tags
-    assert params["train.network"] == "dynunet" and params["train.epochs"] == "2"
+    assert params["train.network"] == "unet" and params["train.epochs"] == "2"
     assert params["train.patch_size_vox"] == "[16, 16, 8]" and "plan.resample.target_spacing_mm" in params
     for key in ("train_loss", "learning_rate", "seconds_per_epoch", "samples_per_second"):
         assert len(client.get_metric_history(summary["run_id"], key)) == 2, key
