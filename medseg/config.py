@@ -258,6 +258,11 @@ class PostprocessConfig(_Section):
     per_class: dict[str, ClassPostprocessConfig] = Field(
         default_factory=dict, description="overrides by class name, e.g. {organ_b: {keep_largest_n: 1}}"
     )
+    auto_keep_largest: bool = Field(
+        True,
+        description="workflow: decide keep-largest per class from the validation patients' predictions (nnU-Net's "
+        "rule: only where the mean Dice improves and no class gets worse); the decision is postprocess/plan.json",
+    )
 
 
 class EvaluateConfig(_Section):
@@ -304,6 +309,9 @@ class PredictConfig(_Section):
         {}, description="per class name: segment label, colour and codes; a class left out gets defaults"
     )
     qc_slices: int = Field(5, ge=1, le=12, description="slices shown in each QC picture")
+    qc_ct_window_hu: tuple[float, float] = Field(
+        (-160.0, 240.0), description="grey window of CT QC pictures (soft tissue, W400 L40); others: percentiles"
+    )
     seg_series_number: int = Field(9900, ge=1, description="SeriesNumber of the DICOM-SEG objects written")
     seg_series_description: str = Field("medseg segmentation", max_length=64)
     manufacturer: str = Field("medseg", description="written as the DICOM-SEG's Manufacturer")

@@ -63,6 +63,19 @@ class Workflow:
     def postprocessed_predictions(self) -> list[str]:
         return [str(self.stage_dir("postprocess") / f"{p}.nii.gz") for p in self.patients("test")]
 
+    def validation_predictions(self) -> list[str]:
+        """What ``postprocess_plan`` decides on: the validation patients' raw predictions."""
+        return [str(self.stage_dir("infer") / f"{p}.nii.gz") for p in self.patients("val")]
+
+    @property
+    def postprocess_plan(self) -> Path:
+        return self.stage_dir("postprocess") / "plan.json"
+
+    def postprocess_plan_inputs(self) -> list[str]:
+        """The plan as an input of every ``postprocess`` job, when one is made (auto mode, validation patients)."""
+        made = self.config.postprocess.auto_keep_largest and bool(self.patients("val"))
+        return [str(self.postprocess_plan)] if made else []
+
     def final_targets(self) -> list[str]:
         d = self.stage_dir("evaluate")
         return [str(d / "metrics.tsv"), str(d / "summary.json"), str(self.report_file), *self.predict_targets()]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medseg.config import load_config
-from medseg.io import read_tsv, read_volume
+from medseg.io import read_json, read_tsv, read_volume
 from medseg.manifest import read_manifest
 from medseg.tracking import client
 from medseg.volume import Image, Label
@@ -80,6 +80,12 @@ def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path) -> None:
             prediction = read_volume(wf.stage_dir(stage) / f"{e.patient_id}.nii.gz", Label)
             assert prediction.spatial_shape == original.spatial_shape
             assert np.allclose(prediction.affine, original.affine, atol=1e-4)
+
+    # keep-largest decided on the validation patients' predictions, and applied to every test patient
+    val = [e.patient_id for e in entries if e.split == "val"]
+    assert val and all((wf.stage_dir("infer") / f"{p}.nii.gz").exists() for p in val)
+    decision = read_json(wf.postprocess_plan)
+    assert decision["n_cases"] == len(val) and set(decision["keep_largest"]) <= set(config.classes)
 
     rows = read_tsv(wf.stage_dir("evaluate") / "metrics.tsv")
     assert sorted((r["patient_id"], r["class"]) for r in rows) == sorted(

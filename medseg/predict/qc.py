@@ -44,6 +44,7 @@ def render_qc(
     n_slices: int = 5,
     reference: Label | None = None,
     title: str = "",
+    window: tuple[float, float] | None = None,
 ) -> Path:
     """Write a PNG: ``n_slices`` axial slices of ``image`` with each class's contour in its colour.
 
@@ -56,6 +57,7 @@ def render_qc(
         n_slices: how many slices to show.
         reference: a reference label on the same grid, drawn dashed.
         title: a line above the slices (never put identity values here).
+        window: grey levels shown black and white (e.g. a CT window in HU); default: the 0.5-99.5 percentiles.
 
     Returns:
         ``path``.
@@ -64,7 +66,10 @@ def render_qc(
     ref = to_canonical(reference).array[0] if reference is not None else None
     scan, pred = image.array[0], label.array[0]
     slices = pick_slices(pred if pred.any() or ref is None else ref, n_slices)
-    low, high = np.percentile(scan, [0.5, 99.5]) if scan.size else (0.0, 1.0)
+    if window is not None:
+        low, high = window
+    else:
+        low, high = np.percentile(scan, [0.5, 99.5]) if scan.size else (0.0, 1.0)
     sx, sy, _ = image.spacing
     fig = Figure(figsize=(2.6 * len(slices), 3.1), dpi=100)
     FigureCanvasAgg(fig)

@@ -211,8 +211,10 @@ def predict_series(
     start = time.perf_counter()
     files = outputs(output_dir, job)
     frames = None
+    window = None
     if job.source_format == "dicom":
-        source, _facts = read_series(job.files, config.ingest.slice_tolerance_mm)
+        source, facts = read_series(job.files, config.ingest.slice_tolerance_mm)
+        window = config.predict.qc_ct_window_hu if facts.get("modality") == "CT" else None
         frames, frames_affine = source_frames(job.files, config.ingest.slice_tolerance_mm)
         if not np.allclose(frames_affine, source.affine, atol=1e-4):
             raise GeometryError("the series' frames order differently on a second read; refusing to guess")
@@ -232,7 +234,8 @@ def predict_series(
         except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
             raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
         write_segmentation(seg, files["dicom_seg"])
-    render_qc(canonical, label_canonical, classes, colors, files["qc"], config.predict.qc_slices, title=job.series_id)
+    qc_slices = config.predict.qc_slices
+    render_qc(canonical, label_canonical, classes, colors, files["qc"], qc_slices, title=job.series_id, window=window)
     volumes = class_volumes_ml(label, len(classes))
     return {
         "empty": not bool(label.array.any()),

@@ -154,6 +154,7 @@ def _qc_pictures(
                     config.predict.qc_slices,
                     reference=reference,
                     title=caption,
+                    window=config.predict.qc_ct_window_hu if config.resample.normalization == "ct" else None,
                 )
             except Exception as err:  # one unreadable case must not cost the whole report
                 log.warning("no QC picture for %s: %s", pid, err)
