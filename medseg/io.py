@@ -134,6 +134,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """NRRD and MetaImage through SimpleITK (nibabel reads neither): ``(array (X, Y, Z[, C]), RAS affine)``."""
     import SimpleITK as sitk  # noqa: N813 (its usual name); imported here so NIfTI-only users never load it
 
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's warnings print the path, which may name a patient
     image = sitk.ReadImage(str(path))
     if image.GetDimension() != 3:
         raise ImageReadError(f"{path}: expected a 3D volume, got {image.GetDimension()} dimensions")

@@ -4,9 +4,10 @@ Why our own reader rather than SimpleITK's ImageSeriesReader: SimpleITK stacks w
 does not refuse a series with a missing slice or uneven gaps (it warns and averages the step), it cannot tell us
 *which* slice is missing, and it does not read multi-frame objects slice by slice. pydicom (with pylibjpeg for
 JPEG 2000 / JPEG lossless) reads the headers and, with our own fast path, uncompressed pixel data; compressed
-single-frame files are decoded by GDCM (through SimpleITK, already a dependency) in a thread pool, because its
-decoders release the GIL where pylibjpeg's hold it, and checked against pydicom on the first slice of each
-series. Here we order frames and check the geometry.
+single-frame files are decoded by GDCM (through SimpleITK, already a dependency) in the threads that read the
+headers: GDCM decodes JPEG 2000 faster than pylibjpeg here, and in those threads it overlaps pydicom's header
+parsing (pylibjpeg holds the GIL). GDCM's values are checked against pydicom on the first slice of each series.
+Here we order frames and check the geometry.
 
 The volume keeps the scanner's integers (int16) when the rescale is the identity slope with a whole-number
 intercept and the values fit, as CT almost always is: what SimpleITK and dcm2niix write too, half the bytes of
@@ -299,6 +300,8 @@ def _gdcm_rescaled(frame: Frame) -> np.ndarray | None:
 
     if not frame.dataset.filename:
         return None
+    # ITK prints its warnings with the file's path, and source folder names can carry patient names
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(frame.dataset.filename))
