@@ -255,11 +255,9 @@ def to_original_grid_bounded(
     """
     affine = np.asarray(affine, dtype=np.float64)
     shape = tuple(int(s) for s in shape)
-    n_channels = probabilities.array.shape[0]
     # Measured with MONAI's SpatialResample: about 4 * (C + 10) bytes per output voxel (channels, homogeneous
-    # sampling grid and its transformed copy, the argmax).
-    per_slice = shape[0] * shape[1] * 4 * (n_channels + 10)
-    slab = int(max(1, min(shape[2], memory_mb * 2**20 // per_slice)))
+    # sampling grid and its transformed copy, the argmax); the separable path needs less, the same bound serves.
+    voxel_bytes = 4 * (probabilities.array.shape[0] + 10)
     out = np.zeros((1, *shape), dtype=np.uint8)
     mapping = np.linalg.inv(probabilities.affine) @ affine  # original voxel index -> network-grid index
     if np.allclose(mapping[:3, :3], np.diag(np.diag(mapping[:3, :3])), atol=1e-6):
@@ -268,13 +266,14 @@ def to_original_grid_bounded(
         if box is None:  # background everywhere on the network's grid, so everywhere on the original grid
             return Label(out, affine)
         (x0, x1), (y0, y1), (zb0, zb1) = box
-        slab = int(max(1, min(zb1 - zb0, memory_mb * 2**20 // (4 * (n_channels + 10) * (x1 - x0) * (y1 - y0)))))
+        slab = int(max(1, min(zb1 - zb0, memory_mb * 2**20 // (voxel_bytes * (x1 - x0) * (y1 - y0)))))
         source = torch.as_tensor(probabilities.array)
         for z0 in range(zb0, zb1, slab):
             z1 = min(zb1, z0 + slab)
             values = separable_linear(source, mapping, shape, z0, z1, ((x0, x1), (y0, y1)))
             out[0, x0:x1, y0:y1, z0:z1] = _argmax_channels(values)
         return Label(out, affine)
+    slab = int(max(1, min(shape[2], memory_mb * 2**20 // (voxel_bytes * shape[0] * shape[1]))))
     for z0 in range(0, shape[2], slab):
         z1 = min(shape[2], z0 + slab)
         slab_affine = affine.copy()

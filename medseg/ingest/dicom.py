@@ -282,7 +282,7 @@ def _stored_pixels(frame: Frame) -> np.ndarray:
 
 
 def _decode_into(frame: Frame, out: np.ndarray) -> None:
-    """Decode and rescale one frame straight into ``out`` ``(rows, columns)`` (int16 or float32)."""
+    """Decode and rescale one frame straight into ``out`` ``(rows, columns)`` (int16, int32 or float32)."""
     stored = _stored_pixels(frame)
     if out.dtype.kind == "i":  # slope 1 and a whole intercept; output_dtype chose a type that holds the values
         np.copyto(out, stored, casting="unsafe")

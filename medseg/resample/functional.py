@@ -166,8 +166,8 @@ def label_to_grid_onehot(label: Label, affine: np.ndarray, shape: Sequence[int])
 
 def label_to_spacing_onehot(label: Label, spacing_mm: Sequence[float]) -> Label:
     """A label onto the grid :func:`resample_to_spacing` would give it, by one-hot linear interpolation."""
-    grid = resample_to_spacing(Image(np.zeros_like(label.array, dtype=np.float32), label.affine), spacing_mm)
-    return label_to_grid_onehot(label, grid.affine, grid.spatial_shape)
+    affine, shape = spacing_grid(label.affine, label.spatial_shape, spacing_mm)
+    return label_to_grid_onehot(label, affine, shape)
 
 
 def normalize(image: Image, config: ResampleConfig) -> Image:
