@@ -1,10 +1,8 @@
-# medseg workflow: demo-data -> ingest -> resample -> train -> infer -> postprocess -> evaluate.
-# Thin by design: validate the config, include one rule file per stage, define `all`. Paths and target
-# lists live in medseg/workflow.py, where pytest reaches them.
+# medseg workflow: demo-data -> ingest -> plan -> resample -> train -> infer -> postprocess -> evaluate -> report.
+# Thin by design: validate the config, include one rule file per stage, define `all`. Paths, shards and target
+# lists live in medseg/workflow.py, where pytest reaches them. `config` is what you give (--configfile, --config):
+# Workflow.from_snakemake lays it over configs/default.yaml (and configs/demo.yaml while the demo is on).
 from medseg.workflow import Workflow, after_checkpoint
-
-
-configfile: workflow.source_path("configs/default.yaml")
 
 
 WF = Workflow.from_snakemake(config)
@@ -13,6 +11,7 @@ CFG = str(WF.config_file)
 
 include: "pipelines/demo_data.smk"
 include: "pipelines/ingest.smk"
+include: "pipelines/plan.smk"
 include: "pipelines/resample.smk"
 include: "pipelines/train.smk"
 include: "pipelines/infer.smk"

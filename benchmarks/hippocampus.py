@@ -34,11 +34,12 @@ import torch
 from medseg.config import Config, validate_config
 from medseg.device import select_device
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
-from medseg.infer.run import load_model, predict
+from medseg.infer.run import predict
 from medseg.io import read_tsv, read_volume, write_json, write_tsv, write_volume
+from medseg.models import load_model
+from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
 from medseg.resample.functional import preprocess
 from medseg.train.loop import fit
-from medseg.train.plan import fingerprint, make_plan, resolve_train
 from medseg.volume import Image, Label
 
 log = logging.getLogger("hippocampus")
@@ -128,21 +129,20 @@ def base_config(workdir: Path, minutes: float) -> dict[str, Any]:
 
 def train_medseg(train: list[dict], workdir: Path, minutes: float) -> Path:
     """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``."""
-    raw = base_config(workdir, minutes)
-    config = validate_config(raw, "hippocampus benchmark")
+    config = validate_config(base_config(workdir, minutes), "hippocampus benchmark")
     loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in train]
     device = select_device(config.train.device)
-    plan = make_plan(fingerprint(loaded, config.num_classes), config, device.type)
-    raw["resample"]["target_spacing_mm"] = plan["resample"]["target_spacing_mm"]
-    config = validate_config(raw, "hippocampus benchmark")
-    resolved = config.model_copy(update={"train": resolve_train(config.train, plan)})
-    log.info("medseg plan: %s", json.dumps(plan["train"]))
+    measured = [case_fingerprint(image, label, config.num_classes, seed=0) for image, label in loaded]
+    planned = make_plan(fingerprint(measured, config.num_classes, ["MR"] * len(measured)), config, device.type)
+    resample = resolve_resample(config.resample, planned["resample"])
+    resolved = config.model_copy(update={"resample": resample, "train": resolve_train(config.train, planned["train"])})
+    log.info("medseg plan: %s", json.dumps(planned["train"]))
     items = [
-        {"patient_id": c["case"], "image": preprocess(img, config.resample).array, "label": lab.array}
+        {"patient_id": c["case"], "image": preprocess(img, resolved.resample).array, "label": lab.array}
         for c, (img, lab) in zip(train, loaded, strict=True)
     ]
     out = workdir / "medseg"
-    write_json(out / "plan.json", plan)
+    write_json(out / "plan.json", planned)
     summary = fit(
         resolved,
         items[:-N_VAL],
@@ -150,7 +150,7 @@ def train_medseg(train: list[dict], workdir: Path, minutes: float) -> Path:
         out,
         device,
         identity=f"hippocampus-{resolved.digest()}-{len(items)}",
-        params={**resolved.to_dict(), "plan": {k: plan[k] for k in ("resample", "fingerprint")}},
+        params=resolved.to_dict(),
         tags={"benchmark": "hippocampus"},
     )
     log.info("medseg training: %s", summary)

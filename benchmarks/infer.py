@@ -86,11 +86,14 @@ def train_model(workdir: Path, iterations: int) -> None:
     from monai.losses import DiceCELoss
 
     from medseg.config import Config
+    from medseg.models import save_checkpoint
+    from medseg.networks import build_network
     from medseg.resample.functional import preprocess, resample_to_spacing
-    from medseg.train.networks import build_network
     from medseg.volume import Image, Label
 
-    config = Config.model_validate({"train": TRAIN})
+    config = Config.model_validate(
+        {"train": TRAIN, "resample": {"target_spacing_mm": [1.6, 1.6, 2.5], "normalization": "window"}}
+    )
     hu, label, affine = make_scan(120, seed=1)
     image = preprocess(Image(hu[None], affine), config.resample).array[0]
     target = resample_to_spacing(Label(label[None], affine), config.resample.target_spacing_mm).array[0]
@@ -121,7 +124,7 @@ def train_model(workdir: Path, iterations: int) -> None:
         optimiser.step()
         if step % 20 == 0 or step == iterations - 1:
             print(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    torch.save({"state_dict": model.state_dict(), "config": config.to_dict()}, workdir / "model.pt")
+    save_checkpoint(workdir / "model.pt", config, [{"state_dict": model.state_dict(), "fold": None}])
 
 
 def _rss_mb() -> float:
@@ -134,8 +137,9 @@ def child(method: str, workdir: Path) -> None:
     from monai.inferers import sliding_window_inference
 
     from medseg.config import Config
-    from medseg.infer.run import load_model, predict
+    from medseg.infer.run import predict
     from medseg.io import read_volume
+    from medseg.models import load_model
     from medseg.resample.functional import preprocess, resample_to_grid
     from medseg.volume import Image
 

@@ -55,60 +55,126 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if result.failures and not args.skips_ok else 0
 
 
-def _resample(cfg: Config, args: argparse.Namespace) -> int:
+def _entries(manifest: str, patient_ids: list[str] | None) -> list[Any]:
+    """The manifest's entries, or only ``patient_ids`` (a workflow shard), in that order."""
     from medseg.manifest import read_manifest
-    from medseg.resample.run import run
 
-    entries = read_manifest(args.manifest)
-    wanted = [e for e in entries if args.patient_id in (None, e.patient_id)]
-    if not wanted:
-        raise MedsegError(f"patient {args.patient_id} is not in manifest {args.manifest}")
-    for entry in _track(wanted, "resample", len(wanted)):
-        run(cfg, entry, Path(args.output_dir))
+    entries = read_manifest(manifest)
+    if patient_ids is None:
+        return entries
+    by_id = {e.patient_id: e for e in entries}
+    unknown = [p for p in patient_ids if p not in by_id]
+    if unknown:
+        raise MedsegError(f"patient(s) {', '.join(unknown)} not in manifest {manifest}")
+    return [by_id[p] for p in patient_ids]
+
+
+def _shard_record(path: str | None, patients: Sequence[str], failures: list[dict[str, str]], **extra: Any) -> None:
+    from medseg.io import write_json
+
+    if path:
+        write_json(path, {"patients": list(patients), "failures": failures, **extra})
+
+
+def _planned(cfg: Config, plan: str | None) -> Config:
+    """The config with the plan's effective resample and train sections."""
+    if plan is None:
+        return cfg
+    from medseg.plan.run import load_plan
+
+    return load_plan(Path(plan)).apply(cfg)
+
+
+def _resample(cfg: Config, args: argparse.Namespace) -> int:
+    import torch
+
+    from medseg.resample.run import run_many
+
+    torch.set_num_threads(1)  # the pool runs cases side by side; one torch thread each does not oversubscribe
+    wanted = _entries(args.manifest, args.patient_id)
+    failures = run_many(_planned(cfg, args.plan), wanted, Path(args.output_dir), args.threads, track=_track)
+    if failures:
+        log.error("%d of %d patient(s) could not be resampled", len(failures), len(wanted))
+        return EXIT_ERROR
+    _shard_record(args.record, [e.patient_id for e in wanted], failures)
+    log.info("%d patient(s) resampled into %s", len(wanted), args.output_dir)
     return 0
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.train.run import run
 
-    summary = run(cfg, Path(args.manifest), Path(args.resample_dir), Path(args.output_dir), threads=args.threads)
+    summary = run(
+        cfg,
+        Path(args.manifest),
+        Path(args.resample_dir),
+        Path(args.output_dir),
+        threads=args.threads,
+        plan_path=Path(args.plan) if args.plan else None,
+        fold=args.fold,
+    )
     log.info("training done: best validation Dice %.4f, MLflow run %s", summary["best_val_dice"], summary["run_id"])
     return 0
 
 
-def _plan(cfg: Config, args: argparse.Namespace) -> int:
-    from medseg.train.run import run_plan
+def _ensemble(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.train.run import ensemble
 
-    plan = run_plan(cfg, Path(args.manifest), Path(args.output))
-    log.info("plan written to %s: train settings %s", args.output, plan["train"])
+    ensemble(cfg, [Path(d) for d in args.fold_dir], Path(args.output_dir))
+    return 0
+
+
+def _plan(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.plan.run import run
+
+    run(cfg, Path(args.manifest), Path(args.output), threads=args.threads)
     return 0
 
 
 def _infer(cfg: Config, args: argparse.Namespace) -> int:
     import torch
 
-    from medseg.infer.run import run
+    from medseg.infer.run import run, run_many
 
     torch.set_num_threads(args.threads)
-    run(cfg, Path(args.model), Path(args.image), Path(args.output))
-    return 0
+    if args.image:
+        if not args.output:
+            raise MedsegError("medseg infer --image needs --output")
+        run(cfg, Path(args.model), Path(args.image), Path(args.output))
+        return 0
+    if not (args.manifest and args.output_dir):
+        raise MedsegError("medseg infer needs --image and --output, or --manifest and --output-dir")
+    wanted = _entries(args.manifest, args.patient_id)
+    record = Path(args.record) if args.record else None
+    failures = run_many(cfg, Path(args.model), wanted, Path(args.output_dir), record)
+    return EXIT_SKIPPED if failures and not args.skips_ok else 0
 
 
 def _postprocess(cfg: Config, args: argparse.Namespace) -> int:
-    from medseg.postprocess.run import run
+    from medseg.postprocess.run import run, run_many
 
-    run(cfg, Path(args.input), Path(args.output), Path(args.plan) if args.plan else None)
-    return 0
+    plan = Path(args.plan) if args.plan else None
+    if args.input:
+        if not args.output:
+            raise MedsegError("medseg postprocess --input needs --output")
+        run(cfg, Path(args.input), Path(args.output), plan)
+        return 0
+    if not (args.input_dir and args.output_dir and args.patient_id):
+        raise MedsegError("medseg postprocess needs --input and --output, or --input-dir, --output-dir, --patient-id")
+    failures = run_many(cfg, args.patient_id, Path(args.input_dir), Path(args.output_dir), plan, args.threads)
+    _shard_record(args.record, args.patient_id, failures)
+    return EXIT_SKIPPED if failures and not args.skips_ok else 0
 
 
 def _postprocess_plan(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.postprocess.run import plan_run
 
-    decision = plan_run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output), split=args.split)
+    splits = args.split or ["val"]
+    decision = plan_run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output), split=splits)
     log.info(
         "keep-largest on %s (mean %s Dice %s -> %s over %d case(s)); decision in %s",
         decision["keep_largest"] or "no class",
-        args.split,
+        "+".join(splits),
         decision.get("mean_dice_before"),
         decision.get("mean_dice_after"),
         decision["n_cases"],
@@ -153,13 +219,23 @@ def _predict(cfg: Config, args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = run(cfg, args.model, Path(args.input), Path(args.output), args.series_id, track=_track)
+    result = run(
+        cfg,
+        args.model,
+        Path(args.input),
+        Path(args.output),
+        args.series_id,
+        track=_track,
+        allow_any_modality=args.allow_any_modality,
+        name_after_input=args.name_after_input,
+    )
     failed = sum(1 for r in result.records if r["status"] == "failed")
     log.info(
-        "%d series: %d predicted now, %d done before, %d failed; summary %s",
+        "%d series: %d predicted now, %d done before, %d skipped (model contract), %d failed; summary %s",
         len(result.records),
         result.predicted,
         sum(1 for r in result.records if r["status"] == "done"),
+        sum(1 for r in result.records if r["status"] == "skipped"),
         failed,
         Path(args.output) / "summary.tsv",
     )
@@ -209,31 +285,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="manifest TSV to write")
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some cases were skipped")
 
-    p = command("resample", _resample, "resample and normalise patients onto the target spacing")
+    p = command("plan", _plan, "fingerprint the training cases and write the plan every later stage follows")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--patient-id", default=None, help="one patient (default: every patient in the manifest)")
+    p.add_argument("--output", required=True, help="plan JSON to write (results/plan/plan.json in the workflow)")
+    p.add_argument("--threads", type=int, default=1, help="cases read at a time")
+
+    p = command("resample", _resample, "resample and normalise patients onto the plan's target spacing")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--plan", default=None, help="plan.json of `medseg plan` (needed unless the config sets it all)")
+    p.add_argument("--patient-id", nargs="+", default=None, help="these patients (default: every one in the manifest)")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--threads", type=int, default=1, help="patients resampled at a time")
+    p.add_argument("--record", default=None, help="JSON written last, listing the patients done (workflow shards)")
 
-    p = command("plan", _plan, "fingerprint the training data and write the resolved plan (read it, override it)")
+    p = command("train", _train, "train on the plan's recipe: the manifest's train split, or one fold")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--output", required=True, help="plan JSON to write")
-
-    p = command("train", _train, "train a U-Net on the manifest's train split, validate on val")
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--plan", default=None, help="plan.json of `medseg plan` (default: plan now, into the output)")
     p.add_argument("--resample-dir", required=True)
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--fold", type=int, default=None, help="the fold to hold out (the plan must have folds)")
     p.add_argument("--threads", type=int, default=1)
 
-    p = command("infer", _infer, "predict one image; the label is written on the image's own grid")
-    p.add_argument("--model", required=True, help="checkpoint (model.pt) written by `medseg train`")
-    p.add_argument("--image", required=True)
-    p.add_argument("--output", required=True)
+    p = command("ensemble", _ensemble, "bundle the folds' models into one model.pt whose members are averaged")
+    p.add_argument("--fold-dir", nargs="+", required=True, help="each fold's train folder (holding model.pt)")
+    p.add_argument("--output-dir", required=True)
+
+    p = command("infer", _infer, "predict images; each label is written on its image's own grid")
+    p.add_argument("--model", required=True, help="checkpoint (model.pt) written by `medseg train` or `ensemble`")
+    p.add_argument("--image", default=None, help="one image file (with --output)")
+    p.add_argument("--output", default=None)
+    p.add_argument("--manifest", default=None, help="predict manifest patients (with --output-dir)")
+    p.add_argument("--patient-id", nargs="+", default=None, help="only these patients of the manifest")
+    p.add_argument("--output-dir", default=None, help="folder of <patient_id>.nii.gz")
+    p.add_argument("--record", default=None, help="JSON written last, listing the patients done (workflow shards)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients failed")
 
     p = command("postprocess", _postprocess, "per-class clean-up: small components, largest N, holes")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", default=None, help="one label file (with --output)")
+    p.add_argument("--output", default=None)
+    p.add_argument("--input-dir", default=None, help="folder of <patient_id>.nii.gz (with --patient-id)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--patient-id", nargs="+", default=None)
     p.add_argument("--plan", default=None, help="decision JSON of `medseg postprocess-plan` to apply as well")
+    p.add_argument("--record", default=None, help="JSON written last, listing the patients done (workflow shards)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients failed")
 
     p = command(
         "postprocess-plan",
@@ -243,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--predictions", required=True, help="folder of <patient_id>.nii.gz, before post-processing")
     p.add_argument("--output", required=True, help="decision JSON to write")
-    p.add_argument("--split", default="val", help="manifest split to decide on (default: %(default)s)")
+    p.add_argument("--split", action="append", default=None, help="manifest split(s) to decide on (default: val)")
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some cases were left out")
 
     p = command("evaluate", _evaluate, "overlap, boundary and distance metrics per test patient and class")
@@ -260,7 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-id", action="append", default=None, help="only this series (repeatable)")
     p.add_argument("--plan", action="store_true", help="only list the eligible series into <output>/series.tsv")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some series failed")
+    p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some series failed or were skipped")
+    p.add_argument(
+        "--allow-any-modality",
+        action="store_true",
+        help="predict series of a modality the model was not trained on (flagged) instead of skipping them",
+    )
+    p.add_argument(
+        "--name-after-input",
+        action="store_true",
+        help="name NIfTI inputs' outputs after the file (case_017_0000.nii.gz -> case_017); DICOM stays pseudonymised",
+    )
 
     p = command("report", _report, "one self-contained HTML page: config, metrics, box plots, worst cases, curves")
     p.add_argument("--metrics", required=True, help="metrics.tsv of `medseg evaluate`")

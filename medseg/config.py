@@ -80,20 +80,37 @@ class IngestConfig(_Section):
         "refuse",
         description="DICOM-SEG/RTSTRUCT segments that overlap: refuse the label, or let the higher segment win",
     )
+    nifti_modality: str | None = Field(
+        None,
+        description="modality (CT, MR, ...) of NIfTI/NRRD inputs that do not say (MSD folders say it in dataset.json)",
+    )
+
+
+Normalization = Literal["ct", "zscore", "window"]
 
 
 class ResampleConfig(_Section):
-    target_spacing_mm: Triple = (1.6, 1.6, 2.5)
-    normalization: Literal["ct", "zscore"] = "ct"
-    ct_clip_hu: tuple[float, float] = (-200.0, 300.0)
+    """Target grid and intensity normalisation. ``null`` keys come from the data plan (``results/plan/plan.json``)."""
+
+    target_spacing_mm: Triple | None = Field(None, description="null: the plan's (nnU-Net's rule)")
+    normalization: Normalization | None = Field(
+        None,
+        description="ct: clip to the training foreground's 0.5-99.5 percentiles, z-score with its mean and std "
+        "(nnU-Net's CT scheme); zscore: per scan (MR); window: clip to ct_clip_hu, map to [-1, 1]; null: the plan's "
+        "(ct for CT training data, zscore otherwise)",
+    )
+    intensity_clip: tuple[float, float] | None = Field(None, description="ct: null = the plan's foreground percentiles")
+    intensity_mean: float | None = Field(None, description="ct: null = the plan's foreground mean")
+    intensity_std: float | None = Field(None, gt=0, description="ct: null = the plan's foreground std")
+    ct_clip_hu: tuple[float, float] = Field((-200.0, 300.0), description="window: the HU window mapped to [-1, 1]")
     label_interpolation: Literal["nearest", "onehot_linear"] = Field(
         "nearest", description="labels: nearest neighbour, or one-hot linear then argmax (smoother on coarse grids)"
     )
 
     @field_validator("target_spacing_mm")
     @classmethod
-    def _positive(cls, value: Triple) -> Triple:
-        if any(v <= 0 for v in value):
+    def _positive(cls, value: Triple | None) -> Triple | None:
+        if value is not None and any(v <= 0 for v in value):
             raise ValueError("every spacing must be positive")
         return value
 
@@ -160,7 +177,9 @@ class TrainConfig(_Section):
     grad_clip_norm: float | None = Field(12.0, gt=0)
     amp: bool = Field(True, description="mixed precision; CUDA only, ignored on CPU")
     deterministic: bool = Field(False, description="deterministic algorithms (slower); always seeded")
-    epochs: int = Field(40, ge=1)
+    epochs: int | None = Field(
+        None, ge=1, description="null: unbounded when max_minutes is set, else the plan's budget"
+    )
     iterations_per_epoch: int = Field(20, ge=1)
     max_minutes: float | None = Field(
         None, gt=0, description="wall-clock budget; the LR schedule then runs on elapsed time, not epochs"
@@ -211,6 +230,17 @@ class PlanConfig(_Section):
     max_features: int = Field(256, ge=8)
     min_feature_map_vox: int = Field(4, ge=2, description="stop down-sampling an axis below this size")
     max_cases: int = Field(200, ge=1, description="fingerprint at most this many training cases")
+
+
+class JobsConfig(_Section):
+    """How the workflow cuts per-case stages (resample, infer, postprocess) into jobs."""
+
+    cases_per_job: int = Field(
+        40,
+        ge=1,
+        description="cases one resample/infer/postprocess job handles (a pool inside); 1: a job per case (big CTs "
+        "on a cluster)",
+    )
 
 
 class InferConfig(_Section):
@@ -341,6 +371,7 @@ class Config(_Section):
     ingest: IngestConfig = IngestConfig()
     resample: ResampleConfig = ResampleConfig()
     plan: PlanConfig = PlanConfig()
+    jobs: JobsConfig = JobsConfig()
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     postprocess: PostprocessConfig = PostprocessConfig()

@@ -25,3 +25,7 @@ class ManifestError(MedsegError):
 
 class DeviceError(MedsegError):
     """The requested compute device is not available."""
+
+
+class ModelLoadError(MedsegError):
+    """A model file is missing, unreadable, or not a plain-data medseg checkpoint (never unpickled as code)."""

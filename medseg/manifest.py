@@ -1,8 +1,8 @@
 """The data manifest: one row per patient (case) with its canonical image, label and split.
 
-``data_manifests/<dataset>.tsv`` columns: ``patient_id, subject_id, image, label, split``. ``patient_id`` names
-one case (a study) and every file derived from it; ``subject_id`` is the person, so that all studies of one
-person fall into the same split. ``split`` is ``train``, ``val``, ``test``, or ``unlabelled`` (no label).
+``data_manifests/<dataset>.tsv`` columns: ``patient_id, subject_id, image, label, split, modality``.
+``patient_id`` names one case (a study) and every file derived from it; ``subject_id`` is the person, so that all
+studies of one person fall into the same split. ``split`` is ``train``, ``val``, ``test``, or ``unlabelled`` (no label).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from medseg.config import SplitConfig
 from medseg.errors import ManifestError
 from medseg.io import read_tsv
 
-MANIFEST_COLUMNS = ["patient_id", "subject_id", "image", "label", "split"]
+MANIFEST_COLUMNS = ["patient_id", "subject_id", "image", "label", "split", "modality"]
+OPTIONAL_COLUMNS = {"modality"}  # manifests written before it existed read as modality ""
 SPLITS = ("train", "val", "test", "unlabelled")
 
 
@@ -28,6 +29,7 @@ class Entry:
     image: Path
     label: Path | None
     split: str
+    modality: str = ""  # CT, MR, ...; "" when the input did not say
 
 
 def assign_splits(rows: list[dict[str, str]], split: SplitConfig) -> None:
@@ -62,8 +64,9 @@ def read_manifest(path: str | Path) -> list[Entry]:
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist: run `medseg ingest` first")
     rows = read_tsv(path)
-    if rows and set(MANIFEST_COLUMNS) - set(rows[0]):
-        raise ManifestError(f"manifest {path} lacks columns {sorted(set(MANIFEST_COLUMNS) - set(rows[0]))}")
+    missing = set(MANIFEST_COLUMNS) - OPTIONAL_COLUMNS - set(rows[0]) if rows else set()
+    if missing:
+        raise ManifestError(f"manifest {path} lacks columns {sorted(missing)}")
     entries, seen = [], set()
     for i, row in enumerate(rows, start=2):
         if row["split"] not in SPLITS:
@@ -72,7 +75,11 @@ def read_manifest(path: str | Path) -> list[Entry]:
             raise ManifestError(f"manifest {path} line {i}: duplicate patient_id {row['patient_id']}")
         seen.add(row["patient_id"])
         label = Path(row["label"]) if row["label"] else None
-        entries.append(Entry(row["patient_id"], row["subject_id"], Path(row["image"]), label, row["split"]))
+        entries.append(
+            Entry(
+                row["patient_id"], row["subject_id"], Path(row["image"]), label, row["split"], row.get("modality") or ""
+            )
+        )
     return entries
 
 

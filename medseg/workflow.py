@@ -1,20 +1,52 @@
-"""Paths and target lists for the Snakemake workflow, importable (and so testable) outside Snakemake.
+"""Paths, shards and target lists for the Snakemake workflow, importable (and so testable) outside Snakemake.
 
-The Snakefile validates Snakemake's ``config`` through :meth:`Workflow.from_snakemake`, which writes the resolved
-config to ``<results_dir>/config.yaml`` (only when it changed, so that an unchanged config never looks new);
-every rule passes that file to its ``medseg`` command.
+The Snakefile hands Snakemake's ``config`` (the user's ``--configfile``/``--config``) to
+:meth:`Workflow.from_snakemake`, which lays it over the library defaults (``configs/default.yaml``) and, while
+``demo_data.enabled`` is true, the demo's recipe (``configs/demo.yaml``); validates the result; and writes it to
+``<results_dir>/config.yaml`` (only when it changed, so that an unchanged config never looks new). Every rule
+passes that file to its ``medseg`` command.
+
+Stage graph: demo_data -> ingest (checkpoint) -> plan -> resample (shards) -> train (one job, or one per fold, then
+ensemble) -> infer (shards) -> postprocess_plan -> postprocess (shards) -> evaluate -> report. A shard is
+``jobs.cases_per_job`` patients of the sorted manifest, so that hundreds of small cases do not cost a process each.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medseg.config import Config, validate_config
 from medseg.io import read_tsv, write_text
 from medseg.manifest import read_manifest, select
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``: mappings merge key by key, anything else is replaced (Snakemake's rule)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def layered(user: dict[str, Any], configs: Path = CONFIGS) -> dict[str, Any]:
+    """The library defaults, the demo recipe while the demo is on, then the user's config."""
+    base = yaml.safe_load((configs / "default.yaml").read_text()) or {}
+    demo_on = merge(base, user).get("demo_data", {}).get("enabled", True)
+    if demo_on:
+        base = merge(base, yaml.safe_load((configs / "demo.yaml").read_text()) or {})
+    return merge(base, user)
+
+
+def chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @dataclass(frozen=True)
@@ -23,7 +55,7 @@ class Workflow:
 
     @classmethod
     def from_snakemake(cls, config: dict[str, Any], source: str = "Snakemake config") -> Workflow:
-        wf = cls(validate_config(config, source))
+        wf = cls(validate_config(layered(dict(config)), source))
         text = wf.config.to_yaml()
         path = wf.config_file
         if not path.exists() or path.read_text() != text:
@@ -46,26 +78,98 @@ class Workflow:
     def manifest(self) -> Path:
         return self.config.paths.manifests_dir / f"{self.config.dataset}.tsv"
 
+    @property
+    def plan(self) -> Path:
+        return self.stage_dir("plan") / "plan.json"
+
     def stage_dir(self, stage: str) -> Path:
         return self.results / stage
 
     def log(self, name: str) -> str:
         return str(self.results / "logs" / f"{name}.log")
 
+    def benchmark(self, name: str) -> str:
+        """Snakemake's ``benchmark:`` file of a job (wall seconds, memory): training's cost, read apart."""
+        return str(self.results / "benchmarks" / f"{name}.tsv")
+
     def patients(self, *splits: str) -> list[str]:
-        """Patient ids of the given splits, read from the manifest (call after the ingest checkpoint)."""
-        return [e.patient_id for e in select(read_manifest(self.manifest), *splits)]
+        """Patient ids of the given splits, sorted, read from the manifest (call after the ingest checkpoint)."""
+        return sorted(e.patient_id for e in select(read_manifest(self.manifest), *splits))
 
-    def resampled_inputs(self) -> list[str]:
-        d = self.stage_dir("resample")
-        return [str(d / f"{p}{s}") for p in self.patients("train", "val") for s in ("_image.nii.gz", "_label.nii.gz")]
+    # --- shards of per-case stages ---------------------------------------------------------------------------
 
-    def postprocessed_predictions(self) -> list[str]:
-        return [str(self.stage_dir("postprocess") / f"{p}.nii.gz") for p in self.patients("test")]
+    def _shards(self, patients: list[str]) -> list[list[str]]:
+        return chunks(patients, self.config.jobs.cases_per_job)
 
-    def validation_predictions(self) -> list[str]:
-        """What ``postprocess_plan`` decides on: the validation patients' raw predictions."""
-        return [str(self.stage_dir("infer") / f"{p}.nii.gz") for p in self.patients("val")]
+    def resample_shards(self) -> dict[str, list[str]]:
+        """Shard name -> patients, over the train and val patients (training needs them; infer resamples itself)."""
+        return {str(i): s for i, s in enumerate(self._shards(self.patients("train", "val")))}
+
+    def resample_records(self) -> list[str]:
+        return [str(self.stage_dir("resample") / "shards" / f"{k}.json") for k in self.resample_shards()]
+
+    @property
+    def folds(self) -> int | None:
+        return self.config.train.folds
+
+    def infer_groups(self) -> dict[str, list[str]]:
+        """Which model predicts whom: ``test`` (the model, or the folds' ensemble) always; for the keep-largest
+        decision, ``val`` (the model) or, with folds, ``fold<k>`` (fold k's held-out patients, by fold k's model:
+        out-of-fold predictions)."""
+        groups = {"test": self.patients("test")}
+        if self.config.postprocess.auto_keep_largest:
+            if self.folds:
+                from medseg.plan.run import assign_folds, training_pool  # the plan stage's own fold rule
+
+                pool = training_pool(read_manifest(self.manifest))
+                fold_of = assign_folds(pool, self.folds, self.config.train.seed)
+                for k in range(self.folds):
+                    groups[f"fold{k}"] = sorted(p for p, f in fold_of.items() if f == k)
+            else:
+                groups["val"] = self.patients("val")
+        return {g: p for g, p in groups.items() if p}
+
+    def infer_shards(self) -> dict[str, list[str]]:
+        """Shard name ``<group>-<i>`` -> patients."""
+        return {f"{g}-{i}": s for g, ps in self.infer_groups().items() for i, s in enumerate(self._shards(ps))}
+
+    def infer_records(self, *groups: str) -> list[str]:
+        d = self.stage_dir("infer") / "shards"
+        return [str(d / f"{k}.json") for k in self.infer_shards() if not groups or k.rsplit("-", 1)[0] in groups]
+
+    def decision_records(self) -> list[str]:
+        """The predictions the keep-largest decision is made on: val, or every fold's out-of-fold ones."""
+        groups = [f"fold{k}" for k in range(self.folds)] if self.folds else ["val"]
+        return self.infer_records(*groups)
+
+    def decision_splits(self) -> str:
+        return "--split train --split val" if self.folds else "--split val"
+
+    def model_for(self, shard: str) -> str:
+        """The model a shard of infer uses: fold k's for ``fold<k>-*``, else the workflow's model."""
+        group = shard.rsplit("-", 1)[0]
+        if group.startswith("fold"):
+            return str(self.fold_dir(int(group[4:])) / "model.pt")
+        return str(self.model)
+
+    def postprocess_shards(self) -> dict[str, list[str]]:
+        return {str(i): s for i, s in enumerate(self._shards(self.patients("test")))}
+
+    def postprocess_records(self) -> list[str]:
+        return [str(self.stage_dir("postprocess") / "shards" / f"{k}.json") for k in self.postprocess_shards()]
+
+    # --- training ------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Path:
+        """The model later stages use: the single model, or the folds' ensemble."""
+        return self.stage_dir("train") / "model.pt"
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.stage_dir("train") / f"fold{fold}"
+
+    def fold_models(self) -> list[str]:
+        return [str(self.fold_dir(k) / "model.pt") for k in range(self.folds or 0)]
 
     @property
     def postprocess_plan(self) -> Path:
@@ -73,7 +177,7 @@ class Workflow:
 
     def postprocess_plan_inputs(self) -> list[str]:
         """The plan as an input of every ``postprocess`` job, when one is made (auto mode, validation patients)."""
-        made = self.config.postprocess.auto_keep_largest and bool(self.patients("val"))
+        made = self.config.postprocess.auto_keep_largest and bool(self.decision_records())
         return [str(self.postprocess_plan)] if made else []
 
     def final_targets(self) -> list[str]:
@@ -96,7 +200,7 @@ class Workflow:
     @property
     def predict_model(self) -> str:
         """What ``--model`` gets: ``predict.model`` if set, else the model this workflow trains."""
-        return self.config.predict.model or str(self.stage_dir("train") / "model.pt")
+        return self.config.predict.model or str(self.model)
 
     def predict_model_inputs(self) -> list[str]:
         """The model as a rule input when it is a local file (an MLflow run id or URI is not a file)."""
@@ -115,11 +219,14 @@ class Workflow:
         return [str(self.predict_dir / "summary.tsv")] if self.config.predict.input_dir is not None else []
 
 
-def after_checkpoint(checkpoint: Any, targets: Callable[[], list[str]]) -> Callable[[Any], list[str]]:
-    """An input function for Snakemake: wait for ``checkpoint`` (the manifest exists), then list ``targets()``."""
+def after_checkpoint(checkpoint: Any, targets: Callable[..., Any]) -> Callable[[Any], Any]:
+    """An input/params function for Snakemake: wait for ``checkpoint`` (the manifest exists), then call
+    ``targets()``, or ``targets(wildcards)`` when it takes an argument."""
 
-    def inputs(_wildcards: Any) -> list[str]:
+    takes_wildcards = bool(inspect.signature(targets).parameters)
+
+    def inputs(wildcards: Any) -> Any:
         checkpoint.get()
-        return targets()
+        return targets(wildcards) if takes_wildcards else targets()
 
     return inputs

@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         manifest=WF.manifest,
-        predictions=after_checkpoint(checkpoints.ingest, WF.postprocessed_predictions),
+        predictions=after_checkpoint(checkpoints.ingest, WF.postprocess_records),
         run=rules.train.output.run,
     output:
         metrics=WF.stage_dir("evaluate") / "metrics.tsv",

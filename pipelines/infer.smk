@@ -1,16 +1,20 @@
+# One job per shard of patients and one model load: test patients by the model (or the folds' ensemble), and for
+# the keep-largest decision the val patients, or with folds each fold's held-out patients by that fold's model.
 rule infer:
     input:
-        model=rules.train.output.model,
-        image=WF.stage_dir("ingest") / "images" / "{patient_id}.nii.gz",
+        manifest=WF.manifest,
+        model=lambda w: WF.model_for(w.shard),
     output:
-        WF.stage_dir("infer") / "{patient_id}.nii.gz",
+        WF.stage_dir("infer") / "shards" / "{shard}.json",
     params:
         config=CFG,
         digest=WF.config.section_digest("infer"),
+        patients=after_checkpoint(checkpoints.ingest, lambda w: " ".join(WF.infer_shards()[w.shard])),
+        folder=WF.stage_dir("infer"),
     log:
-        WF.log("infer/{patient_id}"),
-    threads: 1
+        WF.log("infer/{shard}"),
+    threads: 2
     resources:
         gpu=1,
     shell:
-        "medseg infer --config {params.config} --model {input.model} --image {input.image} --output {output} --threads {threads} > {log} 2>&1"
+        "medseg infer --config {params.config} --model {input.model} --manifest {input.manifest} --patient-id {params.patients} --output-dir {params.folder} --record {output} --threads {threads} > {log} 2>&1"

@@ -1,16 +1,17 @@
+# One job per shard of jobs.cases_per_job patients, a pool of `threads` inside.
 rule resample:
     input:
         manifest=WF.manifest,
+        plan=WF.plan,
     output:
-        image=WF.stage_dir("resample") / "{patient_id}_image.nii.gz",
-        label=WF.stage_dir("resample") / "{patient_id}_label.nii.gz",
-        record=WF.stage_dir("resample") / "{patient_id}.json",
+        WF.stage_dir("resample") / "shards" / "{shard}.json",
     params:
         config=CFG,
         digest=WF.config.section_digest("resample"),
+        patients=after_checkpoint(checkpoints.ingest, lambda w: " ".join(WF.resample_shards()[w.shard])),
         folder=WF.stage_dir("resample"),
     log:
-        WF.log("resample/{patient_id}"),
-    threads: 1
+        WF.log("resample/{shard}"),
+    threads: 2
     shell:
-        "medseg resample --config {params.config} --manifest {input.manifest} --patient-id {wildcards.patient_id} --output-dir {params.folder} > {log} 2>&1"
+        "medseg resample --config {params.config} --manifest {input.manifest} --plan {input.plan} --patient-id {params.patients} --output-dir {params.folder} --threads {threads} --record {output} > {log} 2>&1"

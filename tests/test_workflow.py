@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,6 +42,13 @@ def _fresh_copy(repo: Path, dest: Path) -> Path:
     return dest
 
 
+def _client(config: Any, workdir: Path) -> Any:
+    """An MLflow client on the run's database by its absolute path (MLflow caches stores by URI, so the same
+    relative URI in two test folders would reach the first one's database)."""
+    absolute = f"sqlite:///{(workdir / 'results' / 'mlflow.db').resolve()}"
+    return client(config.tracking.model_copy(update={"uri": absolute}))
+
+
 def test_lint_reports_only_the_documented_conda_warning(repo: Path, tmp_path: Path) -> None:
     result = _snakemake(repo, tmp_path, "--lint")
     output = result.stdout + result.stderr
@@ -58,10 +66,10 @@ def test_dry_run_from_a_fresh_clone(repo: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path) -> None:
+def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = _snakemake(repo, tmp_path, "--cores", "2", "--configfile", str(repo / "configs" / "tiny.yaml"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    os.chdir(tmp_path)  # config paths are relative to the workflow's directory
+    monkeypatch.chdir(tmp_path)  # config paths are relative to the workflow's directory
     config = load_config(tmp_path / "results" / "config.yaml")
     wf = Workflow(config)
     entries = read_manifest(wf.manifest)
@@ -95,13 +103,22 @@ def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path) -> None:
         for metric in ("dice", "iou", "boundary_f1"):
             assert 0.0 <= float(r[metric]) <= 1.0, (metric, r)
 
-    mlflow = client(config.tracking)
+    mlflow = _client(config, tmp_path)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     runs = mlflow.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["train.epochs"] == str(config.train.epochs)
-    assert run.data.params["resample.target_spacing_mm"] == str(list(config.resample.target_spacing_mm))
+    # MLflow records what ran: the plan's effective sections, and the keys the config set over the plan
+    plan = read_json(wf.plan)
+    assert run.data.params["train.epochs"] == str(config.train.epochs) == str(plan["train"]["epochs"])
+    for key in ("patch_size_vox", "channels", "batch_size", "network"):
+        value = plan["train"][key]
+        assert run.data.params[f"train.{key}"] == str(value), key
+    for key in ("target_spacing_mm", "normalization"):
+        assert run.data.params[f"resample.{key}"] == str(plan["resample"][key]), key
+    assert run.data.params["plan_overrides.train.epochs"] == "2"  # tiny.yaml sets it
+    resampled = read_json(wf.stage_dir("resample") / f"{val[0]}.json")
+    assert resampled["resample"] == plan["resample"]  # resample ran the plan's section
     assert len(mlflow.get_metric_history(run.info.run_id, "train_loss")) == config.train.epochs
     assert "val_dice_mean" in run.data.metrics
     for name in config.classes:
@@ -118,3 +135,42 @@ def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path) -> None:
     # A second invocation finds nothing to do: every output is up to date.
     again = _snakemake(repo, tmp_path, "--cores", "2", "--configfile", str(repo / "configs" / "tiny.yaml"), "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_two_fold_workflow_ensembles_both_folds(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folds = tmp_path / "folds.yaml"
+    folds.write_text("dataset: tinyfolds\ntrain: {folds: 2}\ntracking: {experiment: medseg-tiny-folds}\n")
+    tiny = str(repo / "configs" / "tiny.yaml")
+    result = _snakemake(repo, tmp_path, "--cores", "2", "--configfile", tiny, str(folds))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tmp_path / "results" / "config.yaml")
+    wf = Workflow(config)
+    from medseg.models import load_checkpoint
+
+    ensemble = load_checkpoint(wf.model)
+    assert [m["fold"] for m in ensemble.members] == [0, 1]
+    for k in (0, 1):  # each member is its fold's best model
+        fold_model = load_checkpoint(wf.fold_dir(k) / "model.pt")
+        state = fold_model.members[0]["state_dict"]
+        assert all(np.array_equal(state[n], ensemble.members[k]["state_dict"][n]) for n in state)
+    # the test patients were predicted by both folds averaged; every train/val patient out of fold by its own fold
+    test_records = [read_json(p) for p in wf.infer_records("test")]
+    assert test_records and all(r["ensemble_members"] == 2 for r in test_records)
+    plan = read_json(wf.plan)
+    for k in (0, 1):
+        held_out = sorted(p for p, f in plan["folds"].items() if f == k)
+        records = [read_json(p) for p in wf.infer_records(f"fold{k}")]
+        assert sorted(p for r in records for p in r["patients"]) == held_out
+        assert all(r["ensemble_members"] == 1 for r in records)
+    decision = read_json(wf.postprocess_plan)
+    assert decision["n_cases"] == len(plan["folds"]) and decision["split"] == "train+val"
+    rows = read_tsv(wf.stage_dir("evaluate") / "metrics.tsv")
+    assert {r["patient_id"] for r in rows} == set(wf.patients("test"))
+    mlflow = _client(config, tmp_path)
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags.get("fold", "ensemble") for r in runs) == ["0", "1", "ensemble"]
+    ensemble_run = next(r for r in runs if "fold" not in r.data.tags)
+    assert "test_dice_organ_a" in ensemble_run.data.metrics  # evaluate logs into the ensemble's run

@@ -1,5 +1,6 @@
 """`medseg infer`: one patient's canonical image in, its predicted label on the same (original) grid out.
 
+The workflow gives each job a shard of patients (:func:`run_many`: the model is loaded once per shard).
 Preprocessing and the network are rebuilt from the checkpoint's own config, so a model is always fed the way it
 was trained, whatever the current config says; only the ``infer`` section (overlap, blending, device) is live.
 """
@@ -7,33 +8,22 @@ was trained, whatever the current config says; only the ``infer`` section (overl
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from medseg.config import Config, validate_config
+from medseg.config import Config
 from medseg.device import select_device
-from medseg.errors import ConfigError, ImageReadError
+from medseg.errors import ConfigError, MedsegError
 from medseg.infer.functional import predict_probabilities, to_original_grid_bounded
-from medseg.io import read_volume, write_volume
+from medseg.io import read_volume, write_json, write_volume
+from medseg.manifest import Entry
+from medseg.models import load_model
 from medseg.resample.functional import preprocess
-from medseg.train.networks import build_network
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
-
-
-def load_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the trained network and the config it was trained with."""
-    try:
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-    except (OSError, RuntimeError) as err:
-        raise ImageReadError(f"cannot load checkpoint {checkpoint}: {err}") from err
-    trained = validate_config(state["config"], source=f"{checkpoint} (embedded config)")
-    model = build_network(trained.train, trained.num_classes).to(device)
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    return model, trained
 
 
 def predict(model: torch.nn.Module, trained: Config, image: Image, config: Config, device: torch.device) -> Label:
@@ -60,7 +50,40 @@ def predict(model: torch.nn.Module, trained: Config, image: Image, config: Confi
 
 
 def run(config: Config, checkpoint: Path, image_path: Path, output_path: Path) -> Path:
+    """Predict one image file into ``output_path``."""
     device = select_device(config.infer.device)
     model, trained = load_model(checkpoint, device)
     image = read_volume(image_path, Image)
     return write_volume(predict(model, trained, image, config, device), output_path)
+
+
+def run_many(
+    config: Config, checkpoint: Path, entries: Sequence[Entry], output_dir: Path, record: Path | None = None
+) -> list[dict[str, str]]:
+    """Predict the manifest ``entries`` into ``output_dir/<patient_id>.nii.gz`` with one model load (the
+    workflow's shard of patients). A patient that fails is listed and the others go on.
+
+    Args:
+        record: if given, a JSON written last: the patients, the model's members and the failures.
+
+    Returns:
+        ``[{"patient_id", "reason"}]`` of the patients that failed.
+    """
+    device = select_device(config.infer.device)
+    model, trained = load_model(checkpoint, device)
+    members = len(getattr(model, "members", [model]))
+    failures = []
+    for entry in entries:
+        try:
+            image = read_volume(entry.image, Image)
+            write_volume(predict(model, trained, image, config, device), output_dir / f"{entry.patient_id}.nii.gz")
+        except (MedsegError, ValueError, OSError, RuntimeError) as err:
+            log.error("patient %s: %s", entry.patient_id, err)
+            failures.append({"patient_id": entry.patient_id, "reason": f"{type(err).__name__}: {err}"})
+    log.info("%d patient(s) predicted with %d model(s) averaged", len(entries) - len(failures), members)
+    if record is not None:
+        write_json(
+            record,
+            {"patients": [e.patient_id for e in entries], "ensemble_members": members, "failures": failures},
+        )
+    return failures

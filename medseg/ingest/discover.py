@@ -15,6 +15,7 @@ Supported layouts, mixed freely:
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Case:
     nifti_image: Path | None = None
     nifti_label: Path | None = None
     label_objects: list[Series] = field(default_factory=list)  # DICOM-SEG / RTSTRUCT referencing a series here
+    modality: str = ""  # of a NIfTI case, when its dataset.json says it
 
 
 @dataclass
@@ -113,6 +115,21 @@ def _strip_volume_suffix(name: str) -> str:
     return re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd)$", "", name, flags=re.IGNORECASE)
 
 
+MR_NAMES = {"MR", "MRI", "T1", "T1W", "T2", "T2W", "FLAIR", "ADC", "DWI", "T1GD", "T1C", "PD"}
+
+
+def dataset_modality(path: Path) -> str:
+    """The modality an MSD ``dataset.json`` (``modality``) or nnU-Net v2 one (``channel_names``) gives channel 0:
+    ``CT``, ``MR`` for MR names (MRI, T1, T2, FLAIR, ...), else the name upper-cased; ``""`` when it says none."""
+    try:
+        data = json.loads(path.read_text())
+        names = data.get("channel_names") or data.get("modality") or {}
+        name = str(names.get("0", "")).strip().upper() if isinstance(names, dict) else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return "MR" if name in MR_NAMES else name
+
+
 def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tuple[str, str]]]:
     """Cases of an MSD / nnU-Net folder: ``imagesTr/`` paired with ``labelsTr/``, ``imagesTs/`` with ``labelsTs/``.
 
@@ -121,6 +138,7 @@ def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tu
     """
     cases: list[Case] = []
     failures: list[tuple[str, str]] = []
+    modality = dataset_modality(folder / "dataset.json")
     for images_name, labels_name in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         images_dir, labels_dir = folder / images_name, folder / labels_name
         if not images_dir.is_dir():
@@ -142,7 +160,8 @@ def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tu
             if len(paths) > 1:
                 failures.append((str(paths[0].relative_to(root)), f"{len(paths)} channels; one is supported"))
                 continue
-            cases.append(Case(case_id, "", nifti_image=paths[0], nifti_label=labels.pop(case_id, None)))
+            label = labels.pop(case_id, None)
+            cases.append(Case(case_id, "", nifti_image=paths[0], nifti_label=label, modality=modality))
         for path in labels.values():
             failures.append((str(path.relative_to(root)), f"a label in {labels_name}/ without an image"))
     return cases, failures

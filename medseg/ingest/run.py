@@ -149,7 +149,8 @@ def ingest_case(
     label, label_facts = load_case_label(case, volume, chosen, config, report, failures, pid)
     facts.update(label_facts)
     image = to_canonical(image)
-    row = {"patient_id": pid, "image": str(out / "images" / f"{pid}.nii.gz"), "label": ""}
+    modality = str(facts.get("modality") or case.modality or config.ingest.nifti_modality or "")
+    row = {"patient_id": pid, "image": str(out / "images" / f"{pid}.nii.gz"), "label": "", "modality": modality}
     if label is not None:
         label = to_canonical(label)
         source = case.nifti_label.name if case.nifti_label is not None else "label object"

@@ -4,7 +4,8 @@ the validation predictions and write the decision to a JSON file that `medseg po
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,44 @@ def run(config: Config, prediction: Path, output_path: Path, plan_path: Path | N
     return write_volume(apply_rules(label, rules_with_plan(config, plan_path)), output_path)
 
 
+def run_many(
+    config: Config, patient_ids: Sequence[str], input_dir: Path, output_dir: Path, plan_path: Path | None, threads: int
+) -> list[dict[str, str]]:
+    """Clean ``input_dir/<patient_id>.nii.gz`` into ``output_dir`` for a shard of patients, ``threads`` at a time;
+    a patient that fails is listed and the others go on. Returns ``[{"patient_id", "reason"}]`` of failures."""
+    rules_with_plan(config, plan_path)  # a bad decision file fails the job once, before any patient
+
+    def one(pid: str) -> dict[str, str] | None:
+        try:
+            run(config, input_dir / f"{pid}.nii.gz", output_dir / f"{pid}.nii.gz", plan_path)
+        except MedsegError as err:
+            log.error("patient %s: %s", pid, err)
+            return {"patient_id": pid, "reason": str(err)}
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as workers:  # scipy's labelling and gzip release the GIL
+        return [r for r in workers.map(one, patient_ids) if r is not None]
+
+
 def plan_run(
-    config: Config, manifest_path: Path, predictions_dir: Path, output_path: Path, split: str = "val"
+    config: Config,
+    manifest_path: Path,
+    predictions_dir: Path,
+    output_path: Path,
+    split: str | Sequence[str] = "val",
 ) -> dict[str, Any]:
     """Decide keep-largest per class from the ``split`` patients' predictions and labels; write the decision.
 
+    ``split`` may name several splits (with cross-validation: the out-of-fold predictions of train and val).
     A case whose prediction is missing or on the wrong grid is skipped and listed under ``failures``.
 
     Raises:
         ManifestError: the manifest has no labelled patients in ``split``.
     """
-    entries = [e for e in select(read_manifest(manifest_path), split) if e.label is not None]
+    splits = [split] if isinstance(split, str) else list(split)
+    entries = [e for e in select(read_manifest(manifest_path), *splits) if e.label is not None]
     if not entries:
-        raise ManifestError(f"manifest {manifest_path} has no labelled '{split}' patients to plan post-processing on")
+        raise ManifestError(f"manifest {manifest_path} has no labelled {splits} patients to plan post-processing on")
     failures: list[dict[str, str]] = []
 
     def cases() -> Iterator[tuple[str, Label, Label]]:
@@ -81,7 +107,7 @@ def plan_run(
             yield entry.patient_id, pred, ref
 
     decision = plan(cases, class_rules(config.postprocess, config.classes), config.classes)
-    decision["split"] = split
+    decision["split"] = "+".join(splits)
     decision["failures"] = failures
     decision["config_digest"] = config.section_digest("postprocess")
     write_json(output_path, decision)

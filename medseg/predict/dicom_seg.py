@@ -8,6 +8,7 @@ It is BINARY (one segment per class), the type 3D Slicer, OHIF and every PACS vi
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ def _layout(frames: Sequence[Frame], seg_frames: np.ndarray) -> tuple[list[Datas
     back into the object's own frame order (the slice order can differ).
     """
     if all(f.index is None for f in frames):
-        return [f.dataset for f in frames], seg_frames
+        return harmonised_sources([f.dataset for f in frames]), seg_frames
     datasets = {id(f.dataset): f.dataset for f in frames}
     if len(datasets) != 1 or any(f.index is None for f in frames):
         raise ImageReadError("a series that mixes multi-frame objects with other files cannot be referenced")
@@ -113,6 +114,62 @@ def _layout(frames: Sequence[Frame], seg_frames: np.ndarray) -> tuple[list[Datas
     for k, frame in enumerate(frames):
         reordered[frame.index] = seg_frames[k]
     return list(datasets.values()), reordered
+
+
+# Attributes every single-frame source must write identically for highdicom (it compares ImageOrientationPatient
+# as written, and takes PixelSpacing and SliceThickness from the first slice for the whole SEG).
+SHARED_GEOMETRY = ("ImageOrientationPatient", "PixelSpacing", "SliceThickness")
+SHARED_ATOL = 1e-4  # direction cosines and mm; ingest's stack_geometry already refused larger differences
+
+
+def harmonised_sources(datasets: Sequence[Dataset], atol: float = SHARED_ATOL) -> list[Dataset]:
+    """The source headers as highdicom needs them: shared geometry written identically on every slice.
+
+    Real archives write the same orientation with different decimal digits on different slices (``-0.059771`` on
+    some, ``-0.0597709`` on others); highdicom compares the strings' values exactly and refuses the series.
+    Where an attribute of :data:`SHARED_GEOMETRY` agrees on every slice within ``atol``, each slice gets a copy of
+    its header carrying the first slice's value. Everything else (positions, SOPInstanceUIDs) is kept, so the SEG
+    still references every source instance. The callers' datasets are not modified.
+
+    Args:
+        datasets: single-frame source headers (pixel data is not needed).
+        atol: largest difference treated as a difference of formatting only.
+
+    Returns:
+        The datasets themselves where nothing needs changing, else changed deep copies.
+    """
+    if len(datasets) < 2:
+        return list(datasets)
+    first = datasets[0]
+    replace = []
+    for keyword in SHARED_GEOMETRY:
+        if keyword not in first:
+            continue
+        values = [ds.get(keyword) for ds in datasets]
+        if len({_written(v) for v in values}) == 1:
+            continue
+        try:
+            numbers = [np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in values]
+        except (TypeError, ValueError):
+            continue  # missing or unparsable on some slice: leave it to highdicom to name
+        if all(n.shape == numbers[0].shape and np.allclose(n, numbers[0], atol=atol) for n in numbers):
+            replace.append(keyword)
+    if not replace:
+        return list(datasets)
+    harmonised = []
+    for ds in datasets:
+        ds_copy = copy.deepcopy(ds)
+        for keyword in replace:
+            setattr(ds_copy, keyword, copy.deepcopy(first[keyword].value))
+        harmonised.append(ds_copy)
+    return harmonised
+
+
+def _written(value: object) -> tuple[str, ...]:
+    """A decimal string attribute as written (``"4"`` and ``"4.000000"`` differ), one string per value."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return (str(value),)
+    return tuple(str(v) for v in value)  # type: ignore[union-attr]
 
 
 def build_segmentation(

@@ -45,6 +45,7 @@ def render_qc(
     reference: Label | None = None,
     title: str = "",
     window: tuple[float, float] | None = None,
+    flags: Sequence[str] = (),
 ) -> Path:
     """Write a PNG: ``n_slices`` axial slices of ``image`` with each class's contour in its colour.
 
@@ -58,6 +59,7 @@ def render_qc(
         reference: a reference label on the same grid, drawn dashed.
         title: a line above the slices (never put identity values here).
         window: grey levels shown black and white (e.g. a CT window in HU); default: the 0.5-99.5 percentiles.
+        flags: warnings about the scan (e.g. the model contract's), written in red under the title.
 
     Returns:
         ``path``.
@@ -99,6 +101,9 @@ def render_qc(
         handles.append(Line2D([], [], color="white", linestyle="dashed", label="reference"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False, labelcolor="white")
     fig.suptitle(title, fontsize=9, color="white")
+    if flags:
+        # Below the title, above the slices: whoever looks at the picture must not miss it.
+        fig.text(0.5, 0.885, "CHECK: " + "; ".join(flags), ha="center", va="center", fontsize=7, color="red", wrap=True)
     fig.set_facecolor("black")
     # Fixed margins: tight_layout measures every text box and costs a fifth of the picture's time.
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.1, top=0.84, wspace=0.03)

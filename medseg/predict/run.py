@@ -14,6 +14,17 @@ named by a pseudonymised series id ``<subject_id>_<series key>`` (both keyed has
   settings, and whose outputs exist, is skipped by a rerun (resume);
 * ``summary.tsv``, ``summary.json`` and ``failures.tsv`` for the whole folder.
 
+With ``name_after_input``, a NIfTI input's outputs are named after its file instead (nnU-Net's habit:
+``case_017_0000.nii.gz`` -> ``nifti/case_017.nii.gz``); DICOM outputs stay pseudonymised.
+
+A series' outputs are all or nothing (:mod:`medseg.predict.commit`): all are built under temporary names and
+renamed into place together, the record last; a series that fails leaves only its record, saying why.
+
+The model's contract (:mod:`medseg.contract`, from the checkpoint) is checked for each series: a modality the
+model was not trained on is skipped (status ``skipped``, in ``failures.tsv``) unless ``allow_any_modality``; a
+spacing or intensity far from the training data is flagged (``flags`` in the record and ``summary.tsv``, and in
+red on the QC picture).
+
 A series that fails is recorded with its reason and the rest go on. No identity value reaches a file name, a
 log line or a table: texts that come from the source (descriptions, error messages) pass through ingest's
 :class:`~medseg.ingest.pseudonym.Redactor`.
@@ -27,12 +38,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg import contract as model_contract
 from medseg import tracking
 from medseg.config import Config
 from medseg.errors import ConfigError, GeometryError, MedsegError
@@ -40,6 +52,7 @@ from medseg.ingest.dicom import read_series
 from medseg.ingest.discover import discover, rank_series
 from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
 from medseg.io import read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
+from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
 from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
 from medseg.predict.qc import render_qc
@@ -68,6 +81,12 @@ class SeriesJob:
     series_number: int
     series_description: str  # redacted
     files: tuple[Path, ...]
+    output_name: str = ""  # the outputs' file stem when not the series id (``name_after_input``)
+
+    @property
+    def stem(self) -> str:
+        """The file name stem of the series' outputs and record."""
+        return self.output_name or self.series_id
 
     def row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in PLAN_COLUMNS}
@@ -80,8 +99,28 @@ class PredictResult:
     predicted: int = 0  # series predicted by this call (the rest were done before or failed)
 
 
-def plan(config: Config, input_dir: Path) -> tuple[list[SeriesJob], list[dict[str, str]], Redactor]:
+def input_name(path: Path) -> str:
+    """The output stem of a NIfTI input named after it: suffixes and nnU-Net's channel suffix dropped.
+
+    >>> input_name(Path("imagesTs/case_017_0000.nii.gz"))
+    'case_017'
+    >>> input_name(Path("brain.nii"))
+    'brain'
+    """
+    stem = re.sub(r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd)$", "", path.name, flags=re.IGNORECASE)
+    return re.sub(r"_\d{4}$", "", stem) or stem
+
+
+def plan(
+    config: Config, input_dir: Path, name_after_input: bool = False
+) -> tuple[list[SeriesJob], list[dict[str, str]], Redactor]:
     """Every eligible series below ``input_dir``, sorted by series id, with the files that could not be used.
+
+    Args:
+        config: the live config (``ingest``).
+        input_dir: the scans.
+        name_after_input: name a NIfTI input's outputs after its file (:func:`input_name`); inputs whose names
+            would clash are left out as failures.
 
     Raises:
         ConfigError: ``input_dir`` is not a folder.
@@ -115,8 +154,32 @@ def plan(config: Config, input_dir: Path) -> tuple[list[SeriesJob], list[dict[st
                     files=tuple(sorted(s.files)),
                 )
             )
+    if name_after_input:
+        jobs, failures = _name_after_input(jobs, failures, input_dir, redact)
     jobs.sort(key=lambda j: j.series_id)
     return jobs, failures, redact
+
+
+def _name_after_input(
+    jobs: list[SeriesJob], failures: list[dict[str, str]], input_dir: Path, redact: Redactor
+) -> tuple[list[SeriesJob], list[dict[str, str]]]:
+    named: dict[str, list[SeriesJob]] = {}
+    for job in jobs:
+        if job.source_format == "nifti":
+            named.setdefault(input_name(job.files[0]), []).append(job)
+    # A named output must not take a pseudonymised one's name either.
+    taken = {j.series_id for j in jobs if j.source_format != "nifti"}
+    kept = [j for j in jobs if j.source_format != "nifti"]
+    failures = list(failures)
+    for name, group in named.items():
+        if len(group) == 1 and name not in taken:
+            kept.append(replace(group[0], output_name=name))
+            continue
+        for job in group:
+            why = f"--name-after-input: another input is also named {name}; rename one or leave the option out"
+            source = redact(str(job.files[0].relative_to(input_dir)))
+            failures.append({"series_id": job.series_id, "source": source, "reason": why})
+    return kept, failures
 
 
 def resolve_model(reference: str, config: Config, cache_dir: Path) -> Path:
@@ -161,21 +224,25 @@ def model_identity(checkpoint: Path, config: Config) -> str:
 def outputs(output_dir: Path, job: SeriesJob) -> dict[str, Path]:
     """The files of one series; ``dicom_seg`` only for DICOM input."""
     files = {
-        "nifti": output_dir / "nifti" / f"{job.series_id}.nii.gz",
-        "qc": output_dir / "qc" / f"{job.series_id}.png",
+        "nifti": output_dir / "nifti" / f"{job.stem}.nii.gz",
+        "qc": output_dir / "qc" / f"{job.stem}.png",
     }
     if job.source_format == "dicom":
-        files["dicom_seg"] = output_dir / "dicom_seg" / f"{job.series_id}.dcm"
+        files["dicom_seg"] = output_dir / "dicom_seg" / f"{job.stem}.dcm"
     return files
 
 
-def record_path(output_dir: Path, series_id: str) -> Path:
-    return output_dir / "records" / f"{series_id}.json"
+OUTPUT_FOLDERS = ("nifti", "dicom_seg", "qc", "records")
+
+
+def record_path(output_dir: Path, stem: str) -> Path:
+    """The record of the series whose outputs are named ``stem`` (:attr:`SeriesJob.stem`)."""
+    return output_dir / "records" / f"{stem}.json"
 
 
 def finished_record(output_dir: Path, job: SeriesJob, model_id: str) -> dict[str, Any] | None:
     """The record of a series already done with the same model and settings, if all its outputs exist."""
-    path = record_path(output_dir, job.series_id)
+    path = record_path(output_dir, job.stem)
     if not path.exists():
         return None
     try:
@@ -189,14 +256,24 @@ def finished_record(output_dir: Path, job: SeriesJob, model_id: str) -> dict[str
     return record
 
 
+class ContractRefusedError(MedsegError):
+    """A series the model must not predict (its contract refuses it): recorded as ``skipped``, not ``failed``."""
+
+
 def predict_series(
     job: SeriesJob,
     predictor: Callable[[Image], Any],
     classes: Sequence[str],
     config: Config,
     output_dir: Path,
+    contract: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    allow_any_modality: bool = False,
 ) -> dict[str, Any]:
-    """Predict one series and write its outputs; returns the non-identifying facts for the summary.
+    """Predict one series and write its outputs, all or nothing; returns the non-identifying facts for the summary.
+
+    Every output is built under a temporary name and renamed into place only when all are built, the record (when
+    given) last. On any error no output of the series is left, not even one of an earlier run.
 
     Args:
         job: the series.
@@ -204,12 +281,50 @@ def predict_series(
         classes: the model's foreground class names.
         config: the live config (``predict``, ``ingest.slice_tolerance_mm``).
         output_dir: the output folder.
+        contract: the model's contract (:mod:`medseg.contract`); None or empty: no checks.
+        record: the series' record to commit with the outputs (it gets the facts and status ``done``).
+        allow_any_modality: predict a modality the contract does not name (flagged instead of skipped).
+
+    Returns:
+        ``empty``, ``volume_ml`` per class, ``flags`` (contract), ``seconds`` and the ``outputs`` relative to
+        ``output_dir``.
 
     Raises:
+        ContractRefusedError: the contract refuses the series' modality (nothing is read or written; outputs of an
+            earlier run are removed).
         MedsegError: the series cannot be read, its geometry is refused, or an output cannot be built.
     """
     start = time.perf_counter()
+    contract = contract or {}
+    modality = job.modality if job.source_format == "dicom" else None
     files = outputs(output_dir, job)
+    try:
+        early = model_contract.check_modality(contract, modality, allow_any_modality)
+        if early.skip_reason is not None:
+            raise ContractRefusedError(early.skip_reason)
+        return _predict_and_commit(
+            job, predictor, classes, config, output_dir, contract, record, allow_any_modality, files, start
+        )
+    except Exception:
+        for path in files.values():
+            path.unlink(missing_ok=True)  # an earlier run's outputs must not pass for this run's
+        if record is not None:
+            record_path(output_dir, job.stem).unlink(missing_ok=True)
+        raise
+
+
+def _predict_and_commit(
+    job: SeriesJob,
+    predictor: Callable[[Image], Any],
+    classes: Sequence[str],
+    config: Config,
+    output_dir: Path,
+    contract: dict[str, Any],
+    record: dict[str, Any] | None,
+    allow_any_modality: bool,
+    files: dict[str, Path],
+    start: float,
+) -> dict[str, Any]:
     frames = None
     window = None
     if job.source_format == "dicom":
@@ -221,38 +336,58 @@ def predict_series(
     else:
         source = read_volume(job.files[0], Image)
     canonical = to_canonical(source)
+    modality = job.modality if job.source_format == "dicom" else None
+    verdict = model_contract.check(contract, modality, canonical.spacing, source.array, allow_any_modality)
+    if verdict.skip_reason is not None:  # the early check passed, so this is not expected; never predict it anyway
+        raise ContractRefusedError(verdict.skip_reason)
     label_canonical = predictor(canonical)
     label = from_canonical(label_canonical, source.affine, source.spatial_shape)
     colors = [
         (config.predict.segments[c].color_rgb if c in config.predict.segments else None) or default_color(i)
         for i, c in enumerate(classes, start=1)
     ]
-    write_volume(label, files["nifti"])
-    if frames is not None:
-        try:
-            seg = build_segmentation(label, frames, classes, config.predict)
-        except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
-            raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
-        write_segmentation(seg, files["dicom_seg"])
-    qc_slices = config.predict.qc_slices
-    render_qc(canonical, label_canonical, classes, colors, files["qc"], qc_slices, title=job.series_id, window=window)
-    volumes = class_volumes_ml(label, len(classes))
-    return {
-        "empty": not bool(label.array.any()),
-        "volume_ml": dict(zip(classes, volumes, strict=True)),
-        "seconds": round(time.perf_counter() - start, 2),
-        "outputs": {k: str(p.relative_to(output_dir)) for k, p in files.items()},
-    }
+    with staged() as stage:
+        write_volume(label, stage.path(files["nifti"]))
+        if frames is not None:
+            try:
+                seg = build_segmentation(label, frames, classes, config.predict)
+            except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
+                raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
+            write_segmentation(seg, stage.path(files["dicom_seg"]))
+        render_qc(
+            canonical,
+            label_canonical,
+            classes,
+            colors,
+            stage.path(files["qc"]),
+            config.predict.qc_slices,
+            title=job.stem,
+            window=window,
+            flags=verdict.flags,
+        )
+        volumes = class_volumes_ml(label, len(classes))
+        result = {
+            "empty": not bool(label.array.any()),
+            "volume_ml": dict(zip(classes, volumes, strict=True)),
+            "flags": list(verdict.flags),
+            "seconds": round(time.perf_counter() - start, 2),
+            "outputs": {k: str(p.relative_to(output_dir)) for k, p in files.items()},
+        }
+        if record is not None:
+            write_json(stage.path(record_path(output_dir, job.stem)), {**record, **result, "status": "done"})
+    return result
 
 
 def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per series for ``summary.tsv`` and its columns."""
     volume_columns = [f"volume_ml_{c}" for c in classes]
-    columns = [*PLAN_COLUMNS, "status", "empty", *volume_columns, "seconds", "nifti", "dicom_seg", "qc", "reason"]
+    columns = [*PLAN_COLUMNS, "status", "empty", *volume_columns, "seconds", "nifti", "dicom_seg", "qc", "flags"]
+    columns.append("reason")
     rows = []
     for r in records:
         row = {c: r.get(c) for c in [*PLAN_COLUMNS, "status", "seconds", "reason"]}
         row["empty"] = "" if r.get("empty") is None else str(bool(r["empty"])).lower()
+        row["flags"] = "; ".join(r.get("flags") or [])
         row.update({f"volume_ml_{c}": r.get("volume_ml", {}).get(c) for c in classes})
         row.update({k: r.get("outputs", {}).get(k, "") for k in ("nifti", "dicom_seg", "qc")})
         rows.append(row)
@@ -273,6 +408,8 @@ def run(
     output_dir: Path,
     series_ids: Sequence[str] | None = None,
     track: Track = _no_track,
+    allow_any_modality: bool = False,
+    name_after_input: bool = False,
 ) -> PredictResult:
     """Predict every eligible series below ``input_dir`` (or only ``series_ids``), resuming finished ones.
 
@@ -283,22 +420,29 @@ def run(
         output_dir: where outputs go (see the module docstring).
         series_ids: only these series (the workflow's per-series jobs); the summary files are then not written.
         track: a progress wrapper ``(items, description, total) -> items``.
+        allow_any_modality: predict series of a modality the model's contract does not name (they are flagged);
+            by default they are skipped.
+        name_after_input: name a NIfTI input's outputs after its file (see :func:`input_name`).
 
     Returns:
-        Every series' record (done before, done now, failed) and the failures.
+        Every series' record (done before, done now, skipped, failed) and the failures (skips included).
 
     Raises:
         ConfigError: a bad input folder, model reference, unknown series id, or segment names not in the model.
     """
     from medseg.device import select_device  # torch-heavy imports: only when a model is really used
-    from medseg.infer.run import load_model, predict
+    from medseg.infer.run import predict
+    from medseg.models import load_checkpoint
 
-    jobs, failures, redact = plan(config, input_dir)
+    jobs, failures, redact = plan(config, input_dir, name_after_input=name_after_input)
     if series_ids is not None:
         unknown = sorted(set(series_ids) - {j.series_id for j in jobs})
         if unknown:
             raise ConfigError(f"series {', '.join(unknown)} not found below {input_dir} (see series.tsv)")
         jobs = [j for j in jobs if j.series_id in set(series_ids)]
+    # Temporaries of a killed earlier run; a per-series job only clears its own series' (others may be running).
+    folders = [output_dir, *(output_dir / f for f in OUTPUT_FOLDERS)]
+    remove_partials(folders, None if series_ids is None else [j.stem for j in jobs])
     checkpoint = resolve_model(model, config, output_dir / ".model")
     model_id = model_identity(checkpoint, config)
     state: dict[str, Any] = {}
@@ -317,9 +461,14 @@ def run(
             records[job.series_id] = {**done, "status": "done"}
     log.info("%d series found, %d already done, %d to predict", len(jobs), len(jobs) - len(pending), len(pending))
     classes: list[str] = []
+    contract: dict[str, Any] = {}
     if pending:
         state["device"] = select_device(config.infer.device)
-        state["model"], state["trained"] = load_model(checkpoint, state["device"])
+        loaded = load_checkpoint(checkpoint, state["device"])
+        state["model"], state["trained"] = loaded.network(state["device"]), loaded.config
+        contract = loaded.contract
+        if not contract:
+            log.info("the model carries no contract (an older checkpoint): series are not checked against it")
         classes = list(state["trained"].classes)
         unknown_segments = sorted(set(config.predict.segments) - set(classes))
         if unknown_segments:
@@ -327,16 +476,26 @@ def run(
     for job in track(pending, "predict", len(pending)):
         record: dict[str, Any] = {**job.row(), "model_id": model_id}
         try:
-            record.update(predict_series(job, predictor, classes, config, output_dir), status="done")
+            facts = predict_series(
+                job, predictor, classes, config, output_dir, contract, record, allow_any_modality=allow_any_modality
+            )
+            record.update(facts, status="done")  # the record itself was committed with the outputs
             result.predicted += 1
-            log.info("series %s predicted%s", job.series_id, " (empty)" if record["empty"] else "")
+            flagged = f" (flags: {'; '.join(facts['flags'])})" if facts["flags"] else ""
+            log.info("series %s predicted%s%s", job.series_id, " (empty)" if record["empty"] else "", flagged)
+        except ContractRefusedError as err:
+            reason = redact(str(err))
+            record.update(status="skipped", reason=reason)
+            result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
+            log.warning("series %s skipped: %s", job.series_id, reason)
         except MedsegError as err:
             reason = redact(str(err))
             record.update(status="failed", reason=reason)
             result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
-            log.error("series %s skipped: %s", job.series_id, reason)
-        write_json(record_path(output_dir, job.series_id), record)
-        records[job.series_id] = {**record, "status": "predicted" if record["status"] == "done" else "failed"}
+            log.error("series %s failed: %s", job.series_id, reason)
+        if record["status"] != "done":
+            write_json(record_path(output_dir, job.stem), record)
+        records[job.series_id] = {**record, "status": "predicted" if record["status"] == "done" else record["status"]}
     result.records = [records[j.series_id] for j in jobs]
     if series_ids is None:
         _write_summary(result, classes or _classes_of(result.records), output_dir)
@@ -362,6 +521,8 @@ def _write_summary(result: PredictResult, classes: Sequence[str], output_dir: Pa
             "n_predicted_now": result.predicted,
             "n_done_before": sum(1 for r in result.records if r["status"] == "done"),
             "n_failed": sum(1 for r in result.records if r["status"] == "failed"),
+            "n_skipped": sum(1 for r in result.records if r["status"] == "skipped"),
+            "n_flagged": sum(1 for r in ok if r.get("flags")),
             "n_empty": sum(1 for r in ok if r.get("empty")),
             "empty_series": [r["series_id"] for r in ok if r.get("empty")],
             "n_unusable_files": sum(1 for f in result.failures if not f["series_id"]),

@@ -171,21 +171,39 @@ def label_to_spacing_onehot(label: Label, spacing_mm: Sequence[float]) -> Label:
 
 
 def normalize(image: Image, config: ResampleConfig) -> Image:
-    """Intensity normalisation.
+    """Intensity normalisation, as the plan (or the config) sets it.
 
-    ``ct``: clip to ``ct_clip_hu`` and map the window linearly onto [-1, 1] (the same for every scan, so HU keep
-    their meaning). ``zscore``: per-scan zero mean, unit variance (MR, where intensities have no unit).
+    ``ct`` (nnU-Net's CT scheme): clip to ``intensity_clip`` (the training foreground's 0.5-99.5 percentiles),
+    then z-score with ``intensity_mean`` and ``intensity_std`` (the training foreground's), the same for every scan
+    so HU keep their meaning. ``zscore``: per-scan zero mean, unit variance (MR, where intensities have no unit).
+    ``window``: clip to ``ct_clip_hu`` and map the window linearly onto [-1, 1].
+
+    Raises:
+        ValueError: ``normalization`` or, for ``ct``, its statistics are not resolved (no plan applied).
     """
     array = image.array.astype(np.float32)
     if config.normalization == "ct":
+        if config.intensity_clip is None or config.intensity_mean is None or config.intensity_std is None:
+            raise ValueError("resample.normalization ct needs the plan's intensity_clip, intensity_mean, intensity_std")
+        lo, hi = config.intensity_clip
+        array = (np.clip(array, lo, hi) - config.intensity_mean) / config.intensity_std
+    elif config.normalization == "window":
         lo, hi = config.ct_clip_hu
         array = (np.clip(array, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
-    else:
+    elif config.normalization == "zscore":
         std = float(array.std())
         array = (array - float(array.mean())) / (std if std > 0 else 1.0)
+    else:
+        raise ValueError("resample.normalization is not resolved: apply the plan (results/plan/plan.json) first")
     return Image(array.astype(np.float32), image.affine.copy())
 
 
 def preprocess(image: Image, config: ResampleConfig) -> Image:
-    """What training and inference both apply to a canonical image: resample, then normalise."""
+    """What training and inference both apply to a canonical image: resample, then normalise.
+
+    Raises:
+        ValueError: the config's target spacing is not resolved (no plan applied).
+    """
+    if config.target_spacing_mm is None:
+        raise ValueError("resample.target_spacing_mm is not resolved: apply the plan (results/plan/plan.json) first")
     return normalize(resample_to_spacing(image, config.target_spacing_mm), config)

@@ -1,17 +1,23 @@
-"""`medseg resample`: one patient's canonical image (and label) onto the target spacing, normalised.
+"""`medseg resample`: patients' canonical images (and labels) onto the plan's target spacing, normalised.
 
 The sidecar ``<patient_id>.json`` records the original grid (affine and shape) and the new one, so that
-:func:`medseg.resample.functional.resample_to_grid` puts any prediction back exactly where it came from.
+:func:`medseg.resample.functional.resample_to_grid` puts any prediction back exactly where it came from. The
+workflow gives each job a shard of patients (``jobs.cases_per_job``), done by a pool of threads inside the job:
+a 35 x 50 x 35 volume resamples in milliseconds, far less than a process start that imports torch.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medseg.config import Config
-from medseg.errors import ManifestError
+from medseg.errors import ManifestError, MedsegError
 from medseg.io import read_json, read_volume, write_json, write_volume
 from medseg.manifest import Entry
 from medseg.resample.functional import label_to_grid_onehot, preprocess, resample_to_grid
@@ -39,8 +45,7 @@ def run(config: Config, entry: Entry, output_dir: Path) -> dict[str, Path]:
         "original_shape": list(image.spatial_shape),
         "resampled_affine": resampled.affine.tolist(),
         "resampled_shape": list(resampled.spatial_shape),
-        "target_spacing_mm": list(config.resample.target_spacing_mm),
-        "normalization": config.resample.normalization,
+        "resample": config.resample.model_dump(mode="json"),
         "config_digest": config.section_digest("resample"),
     }
     if entry.label is not None:
@@ -54,6 +59,36 @@ def run(config: Config, entry: Entry, output_dir: Path) -> dict[str, Path]:
     write_volume(resampled, paths["image"])
     write_json(paths["record"], record)
     return paths
+
+
+log = logging.getLogger(__name__)
+
+
+def run_many(
+    config: Config,
+    entries: Sequence[Entry],
+    output_dir: Path,
+    threads: int = 1,
+    track: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
+) -> list[dict[str, str]]:
+    """Resample ``entries`` with ``threads`` workers; one failing patient does not stop the others.
+
+    Returns:
+        ``[{"patient_id", "reason"}]`` of the patients that failed (empty when all went well).
+    """
+
+    def one(entry: Entry) -> dict[str, str] | None:
+        try:
+            run(config, entry, output_dir)
+        except (MedsegError, ValueError, OSError) as err:
+            log.error("patient %s: %s", entry.patient_id, err)
+            return {"patient_id": entry.patient_id, "reason": f"{type(err).__name__}: {err}"}
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as workers:  # NIfTI gunzip, numpy and torch release the GIL
+        results = workers.map(one, entries)
+        done = list(track(results, "resample", len(entries)) if track else results)
+    return [r for r in done if r is not None]
 
 
 def restore(volume: Image | Label, record_path: Path, label_interpolation: str = "nearest") -> Image | Label:

@@ -22,16 +22,18 @@ from monai.utils import set_determinism
 
 from medseg import tracking
 from medseg.config import Config, TrainConfig
+from medseg.errors import MedsegError
 from medseg.infer.functional import predict_probabilities
 from medseg.io import atomic_path, write_json, write_text, write_tsv
+from medseg.models import load_checkpoint, load_state, save_checkpoint
+from medseg.networks import build_network
 from medseg.train.losses import build_loss
-from medseg.train.networks import build_network
 from medseg.train.transforms import train_transforms
 from medseg.volume import Image
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # of last.pt: plain data only (loads with weights_only=True)
 
 
 class Schedule:
@@ -45,7 +47,7 @@ class Schedule:
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
         self.optimizer, self.cfg = optimizer, cfg
         self.base_lr = cfg.learning_rate
-        self.total_steps = cfg.epochs * cfg.iterations_per_epoch
+        self.total_steps = (cfg.epochs or 1) * cfg.iterations_per_epoch
         self.step_count = 0
         self.elapsed_s = 0.0
 
@@ -171,10 +173,25 @@ class Progress:
     finished: bool = False
 
 
-def _save_model(path: Path, model: torch.nn.Module, config: Config, epoch: int, val_dice: float) -> None:
-    state = {"state_dict": model.state_dict(), "config": config.to_dict(), "epoch": epoch, "val_dice": val_dice}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``model.pt`` carries besides the weights (see :mod:`medseg.models`)."""
+
+    plan: dict[str, Any] = field(default_factory=dict)
+    contract: dict[str, Any] = field(default_factory=dict)
+    fold: int | None = None
+
+
+def _save_model(
+    path: Path, model: torch.nn.Module, config: Config, info: ModelInfo, epoch: int, val_dice: float
+) -> None:
+    member = {"state_dict": model.state_dict(), "fold": info.fold, "epoch": epoch, "val_dice": val_dice}
+    save_checkpoint(path, config, [member], plan=info.plan, contract=info.contract)
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
 
 
 def _save_last(
@@ -200,8 +217,8 @@ def _save_last(
         "scaler": scaler.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "numpy": _numpy_state(),
+            "python": list(random.getstate()),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
@@ -215,9 +232,9 @@ def load_resume_state(output_dir: Path, identity: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:  # written atomically, so this is a foreign or damaged file
-        log.warning("ignoring unreadable %s (%s): starting afresh", path, err)
+        state = load_state(path)  # plain data only: a planted pickle is refused, never run
+    except MedsegError as err:  # written atomically, so this is a foreign or damaged file
+        log.warning("ignoring unusable %s (%s): starting afresh", path.name, err)
         return None
     if state.get("version") != CHECKPOINT_VERSION or state.get("identity") != identity:
         log.warning("%s was made by another config: starting afresh (it will be overwritten)", path)
@@ -235,6 +252,7 @@ def fit(
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     artifacts: list[tuple[Path, str]] | None = None,
+    info: ModelInfo | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) and write ``model.pt`` (best), ``last.pt``, ``history.tsv``, ``run.json``.
 
@@ -248,11 +266,13 @@ def fit(
         params: logged to MLflow as params on a fresh run (the resolved plan and config).
         tags: MLflow tags (git commit, manifest hash, ...).
         artifacts: ``(path, artifact folder)`` logged at the end.
+        info: the plan, the contract and the fold, written into ``model.pt``.
 
     Returns:
         ``{"run_id", "best_val_dice", "best_epoch", "epochs", "elapsed_s", "stopped"}``.
     """
     cfg = config.train
+    info = info or ModelInfo()
     configure_torch(cfg, device)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = build_network(cfg, config.num_classes).to(device)
@@ -270,8 +290,10 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        python = state["rng"]["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info(
@@ -318,7 +340,7 @@ def fit(
             progress.epoch = epoch
             progress.elapsed_s = time.perf_counter() - session_start
             out_of_time = progress.elapsed_s >= budget_s
-            last_epoch = epoch >= cfg.epochs or out_of_time
+            last_epoch = epoch >= (cfg.epochs or 1) or out_of_time
             row: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": float(np.mean(losses)),
@@ -334,13 +356,13 @@ def fit(
                     row[f"val_dice_{name}"] = float(value)
                 if row["val_dice_mean"] > progress.best:
                     progress.best, progress.best_epoch, progress.stale = row["val_dice_mean"], epoch, 0
-                    _save_model(output_dir / "model.pt", model, config, epoch, progress.best)
+                    _save_model(output_dir / "model.pt", model, config, info, epoch, progress.best)
                 else:
                     progress.stale += 1
             patience = cfg.early_stopping_patience
             early = patience is not None and progress.stale >= patience
             if not val_items:
-                _save_model(output_dir / "model.pt", model, config, epoch, float("nan"))
+                _save_model(output_dir / "model.pt", model, config, info, epoch, float("nan"))
             progress.history.append(row)
             progress.finished = last_epoch or early
             stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
@@ -381,9 +403,7 @@ def fit(
 def _log_mlflow_model(checkpoint: Path, config: Config, device: torch.device) -> None:
     """The best model as an MLflow pytorch model, with a one-patch input example and its output."""
     assert config.train.patch_size_vox is not None
-    model = build_network(config.train, config.num_classes)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    model.eval()
+    model = load_checkpoint(checkpoint).network("cpu")
     example = np.zeros((1, 1, *config.train.patch_size_vox), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.as_tensor(example)).numpy()

@@ -1,9 +1,10 @@
-"""`medseg train`: plan from the data, then train on the manifest's train patients, validate on its val patients
-(or on a fold of both with ``train.folds``), track everything in MLflow, resume after a crash.
+"""`medseg train`: the plan's recipe, trained on the manifest's train patients and validated on its val patients
+(or, with ``train.folds``, on one fold of both: ``--fold``), tracked in MLflow, resumed after a crash.
 
-Outputs in the train folder: ``plan.json`` (fingerprint, derived settings, the user's overrides), ``model.pt``
-(best by validation Dice), ``last.pt`` (everything needed to resume), ``history.tsv``, ``config.yaml`` (resolved),
-``folds.json`` (with ``train.folds``) and ``run.json`` (the MLflow run id later stages log into).
+Outputs in the model's folder: ``model.pt`` (best by validation Dice; carries the config, the plan and the model
+contract, see :mod:`medseg.models`), ``last.pt`` (everything needed to resume), ``history.tsv``, ``config.yaml``
+(resolved) and ``run.json`` (the MLflow run id later stages log into). ``medseg ensemble`` bundles the folds'
+models into one ``model.pt`` whose members infer and predict average.
 """
 
 from __future__ import annotations
@@ -11,151 +12,175 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medseg import tracking
 from medseg.config import Config
 from medseg.device import select_device
-from medseg.errors import ManifestError
-from medseg.io import read_volume, write_json
+from medseg.errors import ConfigError, ManifestError
+from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv
 from medseg.manifest import Entry, manifest_digest, read_manifest, select
+from medseg.models import load_checkpoint, save_checkpoint
+from medseg.plan.run import Plan, load_plan, training_pool
+from medseg.plan.run import run as plan_stage
 from medseg.resample.run import output_paths
-from medseg.train.loop import fit
-from medseg.train.plan import fingerprint, make_plan, overrides, resolve_train
+from medseg.train.loop import ModelInfo, fit
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
 
 
-def _load(entries: list[Entry], resample_dir: Path) -> list[dict[str, Any]]:
-    items = []
-    for e in entries:
+def _load(entries: list[Entry], resample_dir: Path, threads: int = 2) -> list[dict[str, Any]]:
+    def one(e: Entry) -> dict[str, Any]:
         paths = output_paths(resample_dir, e.patient_id)
         if not paths["label"].exists():
             raise ManifestError(f"{e.patient_id}: resampled label {paths['label']} missing: run `medseg resample`")
-        items.append(
-            {
-                "patient_id": e.patient_id,
-                "image": read_volume(paths["image"], Image).array,
-                "label": read_volume(paths["label"], Label).array,
-            }
-        )
-    return items
+        return {
+            "patient_id": e.patient_id,
+            "image": read_volume(paths["image"], Image).array,
+            "label": read_volume(paths["label"], Label).array,
+        }
+
+    with ThreadPoolExecutor(max(1, threads)) as workers:
+        return list(workers.map(one, entries))
 
 
-def assign_folds(entries: list[Entry], folds: int, seed: int) -> dict[str, int]:
-    """Patient id -> fold, ``0 .. folds - 1``, by subject (all studies of a person in one fold), seeded."""
-    subjects = sorted({e.subject_id for e in entries})
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    fold_of = {subjects[i]: rank % folds for rank, i in enumerate(order)}
-    return {e.patient_id: fold_of[e.subject_id] for e in entries}
+def split_entries(plan: Plan, entries: list[Entry], fold: int | None) -> tuple[list[Entry], list[Entry]]:
+    """Training and validation patients: the manifest's split, or with the plan's folds (``train.folds``) the pool
+    of train and val patients without fold ``fold``, validated on fold ``fold``."""
+    if plan.folds is None:
+        return select(entries, "train"), select(entries, "val")
+    if fold is None:
+        raise ConfigError("the plan has cross-validation folds: say which one to train (--fold)")
+    pool = training_pool(entries)
+    return [e for e in pool if plan.folds[e.patient_id] != fold], [e for e in pool if plan.folds[e.patient_id] == fold]
 
 
-def split_entries(config: Config, entries: list[Entry], output_dir: Path) -> tuple[list[Entry], list[Entry]]:
-    """Training and validation patients: the manifest's split, or fold ``train.fold`` of ``train.folds`` over
-    its train and val patients together (the assignment is written to ``folds.json``)."""
-    cfg = config.train
-    train, val = select(entries, "train"), select(entries, "val")
-    if cfg.folds is None:
-        return train, val
-    pool = train + val
-    if len({e.subject_id for e in pool}) < cfg.folds:
-        raise ManifestError(f"train.folds {cfg.folds} needs at least that many subjects; the manifest has fewer")
-    assignment = assign_folds(pool, cfg.folds, cfg.seed)
-    write_json(
-        output_dir / "folds.json", {"folds": cfg.folds, "fold": cfg.fold, "seed": cfg.seed, "fold_of": assignment}
-    )
-    return [e for e in pool if assignment[e.patient_id] != cfg.fold], [
-        e for e in pool if assignment[e.patient_id] == cfg.fold
-    ]
-
-
-def plan_from_entries(config: Config, entries: list[Entry], device_type: str = "cpu") -> dict[str, Any]:
-    """Fingerprint the canonical (not yet resampled) images and labels of ``entries`` and derive the plan."""
-    chosen = entries[: config.plan.max_cases]
-    cases = ((read_volume(e.image, Image), read_volume(e.label, Label)) for e in chosen if e.label is not None)
-    plan = make_plan(fingerprint(cases, config.num_classes, seed=config.train.seed), config, device_type)
-    planned = plan["resample"]["target_spacing_mm"]
-    configured = config.resample.target_spacing_mm
-    if not np.allclose(planned, configured, rtol=0.15):
-        log.warning(
-            "resample.target_spacing_mm is %s; the data plan suggests %s (median spacing of the training cases)",
-            list(configured),
-            [round(s, 3) for s in planned],
-        )
-    return plan
-
-
-def resolve(config: Config, plan: dict[str, Any]) -> Config:
-    """The config with the train keys left null filled from the plan; the plan records what the user set."""
-    plan["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides(config.train).items()}
-    return config.model_copy(update={"train": resolve_train(config.train, plan)})
-
-
-def run_plan(config: Config, manifest_path: Path, output_path: Path) -> dict[str, Any]:
-    """`medseg plan`: write the resolved plan of the manifest's training patients to ``output_path``."""
-    entries = read_manifest(manifest_path)
-    train, _ = split_entries(config, entries, output_path.parent)
-    plan = plan_from_entries(config, train, select_device(config.train.device).type)
-    resolved = resolve(config, plan)
-    plan["resolved_train"] = resolved.train.model_dump(mode="json")
-    write_json(output_path, plan)
-    return plan
-
-
-def identity(config: Config, manifest_path: Path | None) -> str:
-    """What a resumable run is: the config plus the manifest's content."""
-    data = {"config": config.digest(), "manifest": manifest_digest(manifest_path) if manifest_path else None}
+def identity(config: Config, manifest_path: Path | None, fold: int | None = None) -> str:
+    """What a resumable run is: the resolved config, the fold and the manifest's content."""
+    data = {
+        "config": config.digest(),
+        "fold": fold,
+        "manifest": manifest_digest(manifest_path) if manifest_path else None,
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config: Config, manifest_path: Path, resample_dir: Path, output_dir: Path, threads: int = 1) -> dict:
-    """Plan, train (resuming from ``output_dir/last.pt`` if the same run was interrupted) and return a summary.
+def run(
+    config: Config,
+    manifest_path: Path,
+    resample_dir: Path,
+    output_dir: Path,
+    threads: int = 1,
+    plan_path: Path | None = None,
+    fold: int | None = None,
+) -> dict[str, Any]:
+    """Train on the plan's recipe (resuming from ``output_dir/last.pt`` if the same run was interrupted).
+
+    Args:
+        config: the user's config (the plan fills its null keys).
+        manifest_path: the data manifest.
+        resample_dir: the resample stage's folder.
+        output_dir: this model's folder.
+        threads: torch CPU threads (Snakemake's ``threads``).
+        plan_path: ``plan.json`` of ``medseg plan``; None: plan now into ``output_dir/plan.json`` (the
+            resampled files must then have been made with the same config).
+        fold: the fold to hold out, when the plan has folds.
 
     Raises:
         ManifestError: no training patients, or a resampled file is missing.
         DeviceError: ``train.device: cuda`` without a CUDA device.
+        ConfigError: no usable plan, or a fold outside it.
     """
     device = select_device(config.train.device)
     torch.set_num_threads(config.train.num_threads or threads)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if plan_path is None:
+        plan_path = output_dir / "plan.json"
+        plan_stage(config, manifest_path, plan_path, threads)
+    plan = load_plan(plan_path)
+    resolved = plan.apply(config)
+    if fold is not None:
+        if plan.folds is None or fold >= (resolved.train.folds or 0):
+            raise ConfigError(f"--fold {fold}: the plan has {resolved.train.folds or 'no'} folds")
+        resolved = resolved.model_copy(update={"train": resolved.train.model_copy(update={"fold": fold})})
     entries = read_manifest(manifest_path)
-    train_entries, val_entries = split_entries(config, entries, output_dir)
+    train_entries, val_entries = split_entries(plan, entries, fold)
     if not train_entries:
         raise ManifestError(f"manifest {manifest_path} has no training patients")
-    plan = plan_from_entries(config, train_entries, device.type)
-    resolved = resolve(config, plan)
-    plan["resolved_train"] = resolved.train.model_dump(mode="json")
-    write_json(output_dir / "plan.json", plan)
     log.info(
-        "plan: patch %s, batch %d, %s %s, target spacing %s mm",
+        "recipe from %s: patch %s, batch %d, %s %s, spacing %s mm, %s normalisation%s",
+        plan_path,
         resolved.train.patch_size_vox,
         resolved.train.batch_size,
         resolved.train.network,
         resolved.train.channels,
-        [round(s, 3) for s in plan["resample"]["target_spacing_mm"]],
+        list(resolved.resample.target_spacing_mm or ()),
+        resolved.resample.normalization,
+        f"; fold {fold}: {len(train_entries)} train, {len(val_entries)} validation" if fold is not None else "",
     )
-    train_items, val_items = _load(train_entries, resample_dir), _load(val_entries, resample_dir)
-    artifacts = [(output_dir / "plan.json", "train"), (manifest_path, "manifest")]
-    if (output_dir / "folds.json").exists() and config.train.folds:
-        artifacts.append((output_dir / "folds.json", "train"))
+    workers = config.train.num_threads or threads
+    train_items, val_items = _load(train_entries, resample_dir, workers), _load(val_entries, resample_dir, workers)
+    # MLflow params: the sections that ran (the plan's effective resample and train), the rest of the config,
+    # and which keys the user set over the plan.
+    params = {**resolved.to_dict(), "plan_overrides": plan.overrides or "none", "plan_fingerprint": plan.fingerprint}
     return fit(
         resolved,
         train_items,
         val_items,
         output_dir,
         device,
-        identity=identity(config, manifest_path),
-        params={**resolved.to_dict(), "plan": {k: plan[k] for k in ("resample", "fingerprint")}},
+        identity=identity(resolved, manifest_path, fold),
+        params=params,
         tags={
             "config_digest": config.digest(),  # the user's config; the plan-resolved one is resolved_config_digest
             "resolved_config_digest": resolved.digest(),
             "manifest_sha256": manifest_digest(manifest_path),
             "git_commit": tracking.git_commit(),
+            **({"fold": str(fold)} if fold is not None else {}),
         },
-        artifacts=artifacts,
+        artifacts=[(plan_path, "plan"), (manifest_path, "manifest")],
+        info=ModelInfo(plan=plan.model_dump(mode="json"), contract=plan.contract, fold=fold),
     )
+
+
+def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
+    """`medseg ensemble`: the folds' ``model.pt`` as one checkpoint whose members infer and predict average.
+
+    Writes ``model.pt``, ``history.tsv`` (every fold's rows, with a ``fold`` column) and ``run.json`` (a new MLflow
+    run that holds the bundle and names the folds' runs) into ``output_dir``.
+
+    Raises:
+        ModelLoadError: a fold's model is missing or unreadable.
+        ConfigError: the folds were trained with different recipes.
+    """
+    checkpoints = [load_checkpoint(d / "model.pt") for d in fold_dirs]
+    first = checkpoints[0]
+    base = first.config.model_copy(update={"train": first.config.train.model_copy(update={"fold": 0})})
+    for c in checkpoints[1:]:
+        other = c.config.model_copy(update={"train": c.config.train.model_copy(update={"fold": 0})})
+        if other.digest() != base.digest():
+            raise ConfigError("the folds' models were trained with different configs: retrain them from one plan")
+    members = [m for c in checkpoints for m in c.members]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(output_dir / "model.pt", first.config, members, plan=first.plan, contract=first.contract)
+    rows = []
+    for fold, d in enumerate(fold_dirs):
+        rows += [{"fold": fold, **r} for r in read_tsv(d / "history.tsv")]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    write_tsv(output_dir / "history.tsv", rows, columns)
+    fold_runs = [read_json(d / "run.json")["run_id"] for d in fold_dirs]
+    with tracking.run(config.tracking, run_name=f"{config.dataset}-{base.digest()}-ensemble") as run_id:
+        tracking.log_params({**base.to_dict(), "ensemble_folds": len(fold_dirs)})
+        tracking.set_tags({"fold_runs": ",".join(fold_runs), "git_commit": tracking.git_commit()})
+        tracking.log_metrics(
+            {f"fold{m['fold']}_best_val_dice": float(m["val_dice"]) for m in members if m.get("fold") is not None}, 0
+        )
+        tracking.log_artifact(path, "train")
+        write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
+    log.info("ensemble of %d fold model(s) written to %s (MLflow run %s)", len(members), path, run_id)
+    return path

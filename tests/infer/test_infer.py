@@ -18,9 +18,10 @@ from medseg.infer.functional import (
     to_original_grid_bounded,
     window_count,
 )
-from medseg.infer.run import load_model, predict, run
+from medseg.infer.run import predict, run
 from medseg.io import read_volume, write_volume
-from medseg.train.networks import build_network
+from medseg.models import load_model, save_checkpoint
+from medseg.networks import build_network
 from medseg.volume import Image, Label
 
 
@@ -34,7 +35,7 @@ def _config(**infer: object) -> Config:
                 "num_res_units": 0,
                 "patch_size_vox": [16, 16, 8],
             },
-            "resample": {"target_spacing_mm": [1.6, 1.6, 2.5]},
+            "resample": {"target_spacing_mm": [1.6, 1.6, 2.5], "normalization": "window"},
             "infer": {"device": "cpu", **infer},
         }
     )
@@ -165,7 +166,7 @@ def test_auto_batch_size_on_cpu() -> None:
 def test_infer_run_writes_label_with_the_image_geometry(tmp_path: Path) -> None:
     config = _config()
     model = _model(config)
-    torch.save({"state_dict": model.state_dict(), "config": config.to_dict()}, tmp_path / "model.pt")
+    save_checkpoint(tmp_path / "model.pt", config, [{"state_dict": model.state_dict(), "fold": None}])
     scan = _scan((30, 26, 10))
     write_volume(scan, tmp_path / "image.nii.gz")
     run(config, tmp_path / "model.pt", tmp_path / "image.nii.gz", tmp_path / "label.nii.gz")

@@ -12,7 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from predict_helpers import save_checkpoint, tiny_config
+from predict_helpers import assert_dciodvfy_ok, save_checkpoint, tiny_config
 
 from medseg.ingest.discover import discover, rank_series
 from medseg.io import read_json, read_tsv, read_volume
@@ -76,6 +76,7 @@ def test_every_seg_references_its_series_and_equals_the_nifti(predicted: dict[st
     for row in read_tsv(out / "summary.tsv"):
         ds = pydicom.dcmread(out / row["dicom_seg"])
         assert ds.Modality == "SEG"
+        assert_dciodvfy_ok(out / row["dicom_seg"])
         series_uid = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
         assert series_uid in eligible and series_uid not in referenced
         referenced.add(series_uid)
@@ -127,7 +128,7 @@ def test_rerun_does_no_work(predicted: dict[str, Any], monkeypatch: pytest.Monke
     def no_model(*_args: object) -> None:
         raise AssertionError("a rerun loaded the model")
 
-    monkeypatch.setattr("medseg.infer.run.load_model", no_model)
+    monkeypatch.setattr("medseg.models.load_checkpoint", no_model)
     again = predict_run.run(predicted["config"], str(predicted["checkpoint"]), predicted["scans"], out)
     assert again.predicted == 0 and {r["status"] for r in again.records} == {"done"}
     assert read_json(out / "summary.json")["n_done_before"] == len(again.records)

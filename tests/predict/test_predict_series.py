@@ -10,7 +10,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from predict_helpers import CLASSES, save_checkpoint, tiny_config, write_series
+from predict_helpers import CLASSES, assert_dciodvfy_ok, save_checkpoint, tiny_config, write_series
 
 from medseg import cli
 from medseg.config import Config
@@ -65,6 +65,7 @@ def test_series_outputs_match_the_source_slices(tmp_path: Path) -> None:
         assert (i, j) == (0, 0)
         assert np.array_equal(nifti.array[0, :, :, k].T, expected[str(ds.SOPInstanceUID)])
 
+    assert_dciodvfy_ok(out / facts["outputs"]["dicom_seg"])
     seg = hd.seg.segread(out / facts["outputs"]["dicom_seg"])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(files[0]).SeriesInstanceUID
     assert seg.PatientID == "MRN-777123"  # the SEG files back into the patient's record
@@ -90,6 +91,7 @@ def test_empty_prediction_still_gets_every_output(tmp_path: Path) -> None:
 
     facts = predict_run.predict_series(jobs[0], nothing, CLASSES, config, tmp_path / "out")
     assert facts["empty"] and facts["volume_ml"] == {"tumour": 0.0, "oedema": 0.0}
+    assert_dciodvfy_ok(tmp_path / "out" / facts["outputs"]["dicom_seg"])
     seg = hd.seg.segread(tmp_path / "out" / facts["outputs"]["dicom_seg"])
     assert len(seg.SegmentSequence) == 2  # both classes described although absent
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
@@ -131,7 +133,7 @@ def test_batch_skips_a_bad_series_flags_empty_and_resumes(
         raise AssertionError("the model was loaded on a rerun")
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".gz", ".dcm", ".png")}
-    monkeypatch.setattr("medseg.infer.run.load_model", no_model)
+    monkeypatch.setattr("medseg.models.load_checkpoint", no_model)
     monkeypatch.setattr("medseg.infer.run.predict", no_model)
     _folder_without_bad = tmp_path / "in" / "bad"
     for f in _folder_without_bad.rglob("*.dcm"):

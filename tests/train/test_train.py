@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from medseg import tracking
-from medseg.config import Config, load_config
+from medseg.config import Config, load_config, validate_config
 from medseg.evaluate.run import score_patient
-from medseg.infer.run import load_model
 from medseg.infer.run import run as infer_run
 from medseg.io import read_json, read_tsv
 from medseg.manifest import read_manifest
+from medseg.models import load_checkpoint
+from medseg.plan.run import run as plan_stage
 from medseg.train import loop
 from medseg.train.run import run, split_entries
 
@@ -37,23 +38,26 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
         assert (out / name).exists(), name
     plan = read_json(out / "plan.json")
     # network: auto on a CPU
-    assert plan["overrides"]["patch_size_vox"] == [16, 16, 8] and plan["resolved_train"]["network"] == "unet"
-    assert plan["fingerprint"]["n_cases"] == 4
-    _, trained = load_model(out / "model.pt", "cpu")  # what `medseg infer` does
-    assert trained.train.channels == (4, 8, 16) and trained.train.strides is not None
+    assert plan["overrides"]["train.patch_size_vox"] == [16, 16, 8] and plan["train"]["network"] == "unet"
+    assert plan["fingerprint"]["n_cases"] == 5  # the train and val patients
+    checkpoint = load_checkpoint(out / "model.pt")  # what `medseg infer` and `predict` do
+    assert checkpoint.config.train.channels == (4, 8, 16) and checkpoint.config.train.strides is not None
+    assert checkpoint.contract["classes"] == ["organ_a", "organ_b"] and checkpoint.plan == plan
 
     client = tracking.client(config.tracking)
     mlrun = client.get_run(summary["run_id"])
     params, metrics, tags = mlrun.data.params, mlrun.data.metrics, mlrun.data.tags
     assert params["train.network"] == "unet" and params["train.epochs"] == "2"
-    assert params["train.patch_size_vox"] == "[16, 16, 8]" and "plan.resample.target_spacing_mm" in params
+    assert params["train.patch_size_vox"] == "[16, 16, 8]" and "plan_overrides.train.patch_size_vox" in params
+    assert params["resample.normalization"] == "zscore" and params["resample.target_spacing_mm"] == "[1.5, 1.5, 2.5]"
     for key in ("train_loss", "learning_rate", "seconds_per_epoch", "samples_per_second"):
         assert len(client.get_metric_history(summary["run_id"], key)) == 2, key
     assert {"val_dice_organ_a", "val_dice_organ_b", "val_dice_mean"} <= set(metrics)
     assert tags["config_digest"] == config.digest() and len(tags["manifest_sha256"]) >= 12
     assert tags["git_commit"] and tags["stopped_by"] == "epochs"
     artifacts = {f.path for f in client.list_artifacts(summary["run_id"], "train")}
-    assert {"train/model.pt", "train/plan.json", "train/history.tsv"} <= artifacts
+    assert {"train/model.pt", "train/history.tsv"} <= artifacts
+    assert {f.path for f in client.list_artifacts(summary["run_id"], "plan")} == {"plan/plan.json"}
     logged = client.search_logged_models(experiment_ids=[mlrun.info.experiment_id])
     assert logged and logged[0].source_run_id == summary["run_id"]  # the MLflow pytorch model
 
@@ -89,7 +93,7 @@ def test_resume_after_kill_9_continues_the_epochs_and_the_mlflow_run(tiny_datase
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert first.returncode == -signal.SIGKILL, "training ended before it could be killed"
-    killed_at = int(loop.load_resume_state(out, _identity(config, tiny_dataset))["epoch"])
+    killed_at = int(loop.load_resume_state(out, _identity(config, tiny_dataset, out / "plan.json"))["epoch"])
     run_id = read_json(out / "run.json")["run_id"]
     assert 1 <= killed_at < 12
 
@@ -105,10 +109,12 @@ def test_resume_after_kill_9_continues_the_epochs_and_the_mlflow_run(tiny_datase
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
-def _identity(config: Config, dataset: dict) -> str:
+def _identity(config: Config, dataset: dict, plan: Path) -> str:
+    """The resume identity: the config the plan resolved, and the manifest."""
+    from medseg.plan.run import load_plan
     from medseg.train.run import identity
 
-    return identity(config, dataset["manifest"])
+    return identity(load_plan(plan).apply(config), dataset["manifest"])
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one(
@@ -154,26 +160,34 @@ def test_early_stopping(tiny_dataset: dict, make_config: Callable) -> None:
     assert summary["stopped"] == "early stopping" and summary["epochs"] == 3 and summary["best_epoch"] == 1
 
 
-def test_k_fold_split_is_by_subject_and_written_down(tiny_dataset: dict, make_config: Callable) -> None:
+def test_k_fold_split_is_by_subject_and_written_in_the_plan(tiny_dataset: dict, make_config: Callable) -> None:
     root = tiny_dataset["root"]
     entries = read_manifest(tiny_dataset["manifest"])
+    config = make_config(root, folds=2)
+    plan = plan_stage(config, tiny_dataset["manifest"], root / "plan.json")
+    assert read_json(root / "plan.json")["folds"] == plan.folds
     seen: dict[str, int] = {}
     for fold in (0, 1):
-        config = make_config(root, folds=2, fold=fold)
-        train, val = split_entries(config, entries, root / f"fold{fold}")
-        folds = read_json(root / f"fold{fold}" / "folds.json")
-        assert folds["folds"] == 2 and folds["fold"] == fold
-        assert {e.patient_id for e in val} == {p for p, f in folds["fold_of"].items() if f == fold}
+        train, val = split_entries(plan, entries, fold)
+        assert {e.patient_id for e in val} == {p for p, f in (plan.folds or {}).items() if f == fold}
         assert not {e.patient_id for e in train} & {e.patient_id for e in val}
         seen.update({e.patient_id: fold for e in val})
     pool = {e.patient_id for e in entries if e.split in ("train", "val")}
     assert set(seen) == pool  # every train/val patient validates in exactly one fold
 
 
-def test_the_demo_config_keeps_the_fast_unet() -> None:
-    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
-    assert config.train.network == "unet" and config.train.patch_size_vox == (48, 48, 24)
-    assert np.prod(config.train.patch_size_vox) * config.train.batch_size <= 2 * 48 * 48 * 24
+def test_the_demo_recipe_is_its_own_layer_and_the_defaults_are_plan_driven(repo: Path) -> None:
+    from medseg.workflow import layered
+
+    defaults = load_config(repo / "configs" / "default.yaml")
+    assert defaults.train.network == "auto" and defaults.train.patch_size_vox is None and defaults.train.epochs is None
+    assert defaults.resample.target_spacing_mm is None and defaults.resample.normalization is None
+    demo = validate_config(layered({}))
+    assert demo.train.network == "unet" and demo.train.patch_size_vox == (48, 48, 24)
+    assert np.prod(demo.train.patch_size_vox) * (demo.train.batch_size or 0) <= 2 * 48 * 48 * 24
+    # your own data: the demo's recipe stays out, only what you set is set
+    own = validate_config(layered({"demo_data": {"enabled": False}, "train": {"max_minutes": 15}}))
+    assert own.train.patch_size_vox is None and own.train.epochs is None and own.train.max_minutes == 15
 
 
 def test_plan_command_writes_a_readable_plan(tiny_dataset: dict, make_config: Callable) -> None:
@@ -188,6 +202,6 @@ def test_plan_command_writes_a_readable_plan(tiny_dataset: dict, make_config: Ca
         == 0
     )
     plan = read_json(out)
-    assert plan["resample"]["target_spacing_mm"] == pytest.approx([1.5, 1.5, 2.5])
-    assert plan["resolved_train"]["patch_size_vox"] == plan["train"]["patch_size_vox"]
-    assert plan["overrides"] == {"channels": [4, 8, 16]}
+    assert plan["resample"]["target_spacing_mm"] == pytest.approx([1.5, 1.5, 2.5])  # set by make_config
+    assert plan["train"]["patch_size_vox"] == plan["planned"]["train"]["patch_size_vox"]  # from the plan
+    assert plan["overrides"]["train.channels"] == [4, 8, 16] and "train.patch_size_vox" not in plan["overrides"]

@@ -1,9 +1,10 @@
 """The data plan, nnU-Net's fingerprint -> plan step done our way: measure the training data, derive settings.
 
-``fingerprint`` measures spacings, shapes, foreground intensities and class frequencies of the training cases;
-``make_plan`` turns it into a target spacing, a normalisation, a patch size, a batch size and a network topology;
-``resolve_train`` fills every ``null`` key of the ``train`` config from the plan (a value in the config wins).
-The plan is written as ``plan.json`` so the user can read it and override any value in the config.
+``fingerprint`` measures spacings, shapes, intensities and class frequencies of the training cases;
+``make_plan`` turns it into a target spacing, a normalisation, a patch size, a batch size, a network topology and
+a training budget; ``resolve_train`` / ``resolve_resample`` fill every ``null`` key of the config from the plan (a
+value in the config wins, and :func:`overrides` lists it); ``contract`` is what a trained model remembers of its
+training data, which ``medseg predict`` checks new scans against.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import AugmentConfig, Config, PlanConfig, TrainConfig
+from medseg.config import AugmentConfig, Config, PlanConfig, ResampleConfig, TrainConfig
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
@@ -25,33 +26,50 @@ ANISOTROPY_RATIO = 3.0  # nnU-Net's threshold for treating the coarse axis separ
 FOREGROUND_SAMPLES_PER_CASE = 10_000
 
 
-def fingerprint(cases: Iterable[tuple[Image, Label]], num_classes: int, seed: int = 0) -> dict[str, Any]:
+def case_fingerprint(image: Image, label: Label, num_classes: int, seed: int) -> dict[str, Any]:
+    """One case's share of :func:`fingerprint`: spacing, shape, class voxel counts, whole-image 1st and 99th
+    intensity percentiles, and a seeded sample of at most 10,000 foreground intensities (as nnU-Net samples)."""
+    lab = label.array[0]
+    counts = np.bincount(lab.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+    foreground = image.array[0][lab > 0]
+    take = min(FOREGROUND_SAMPLES_PER_CASE, foreground.size)
+    sample = np.random.default_rng(seed).choice(foreground, take, replace=False) if take else foreground[:0]
+    p01, p99 = np.percentile(image.array[0], [1, 99]) if image.array.size else (0.0, 0.0)
+    return {
+        "spacing": list(image.spacing),
+        "shape": list(image.spatial_shape),
+        "counts": counts,
+        "p01": float(p01),
+        "p99": float(p99),
+        "sample": sample.astype(np.float64),
+    }
+
+
+def fingerprint(cases: Iterable[dict[str, Any]], num_classes: int, modalities: Iterable[str] = ()) -> dict[str, Any]:
     """Measure a training set.
 
     Args:
-        cases: ``(image, label)`` pairs on their original grids, channel-first ``(1, X, Y, Z)``.
+        cases: :func:`case_fingerprint` of each training case (computed in parallel by the plan stage).
         num_classes: label values ``0 .. num_classes - 1`` (background included).
-        seed: for the foreground intensity sample.
+        modalities: each case's modality (``CT``, ``MR``, ... or ``""`` when the input did not say).
 
     Returns:
         Spacings and shapes per case, foreground intensity statistics (percentiles, mean, std over a sample of
-        foreground voxels, as nnU-Net does), and per class the share of foreground voxels and of cases holding it.
+        foreground voxels, as nnU-Net does), the range of the cases' whole-image 1st and 99th percentiles, the
+        modalities, and per class the share of foreground voxels and of cases holding it.
     """
-    rng = np.random.default_rng(seed)
-    spacings, shapes, samples = [], [], []
+    spacings, shapes, samples, p01, p99 = [], [], [], [], []
     voxels = np.zeros(num_classes, dtype=np.float64)
     present = np.zeros(num_classes, dtype=np.int64)
-    for image, label in cases:
-        spacings.append(list(image.spacing))
-        shapes.append(list(image.spatial_shape))
-        lab = label.array[0]
-        counts = np.bincount(lab.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
-        voxels += counts
-        present += counts > 0
-        foreground = image.array[0][lab > 0]
-        if foreground.size:
-            take = min(FOREGROUND_SAMPLES_PER_CASE, foreground.size)
-            samples.append(rng.choice(foreground, take, replace=False))
+    for case in cases:
+        spacings.append(case["spacing"])
+        shapes.append(case["shape"])
+        voxels += case["counts"]
+        present += case["counts"] > 0
+        p01.append(case["p01"])
+        p99.append(case["p99"])
+        if case["sample"].size:
+            samples.append(case["sample"])
     n = len(spacings)
     intensities = np.concatenate(samples) if samples else np.zeros(1)
     fg_total = voxels[1:].sum()
@@ -68,6 +86,9 @@ def fingerprint(cases: Iterable[tuple[Image, Label]], num_classes: int, seed: in
             "p50": float(np.percentile(intensities, 50)),
             "p99_5": float(np.percentile(intensities, 99.5)),
         },
+        "image_p01_range": [float(min(p01)), float(max(p01))] if n else None,
+        "image_p99_range": [float(min(p99)), float(max(p99))] if n else None,
+        "modalities": sorted({m or "unknown" for m in modalities}),
         "class_voxel_share": [float(v / fg_total) if fg_total else 0.0 for v in voxels[1:]],
         "class_case_share": [float(p / n) if n else 0.0 for p in present[1:]],
     }
@@ -160,25 +181,48 @@ def choose_network(requested: str, device_type: str) -> str:
     return "dynunet" if device_type == "cuda" else CPU_NETWORK
 
 
+# Training budgets when the config sets neither train.epochs nor train.max_minutes, in iterations: nnU-Net's
+# 1000 epochs x 250 on a GPU; on a CPU about 15-25 minutes of a 2-core machine (0.15-0.25 s per iteration).
+GPU_BUDGET_ITERATIONS = 250_000
+CPU_BUDGET_ITERATIONS = 6_000
+UNBOUNDED_EPOCHS = 1_000_000  # max_minutes alone bounds the run
+
+
+def normalization_for(fp: dict[str, Any]) -> dict[str, Any]:
+    """nnU-Net's normalisation by modality: CT (every training case CT) clips to the foreground's 0.5-99.5
+    percentiles and z-scores with the foreground's mean and std, the same for every scan; anything else (MR, or
+    inputs that did not say) is z-scored per scan."""
+    fi = fp["foreground_intensity"]
+    if fp.get("modalities") == ["CT"]:
+        return {
+            "normalization": "ct",
+            "intensity_clip": [fi["p00_5"], fi["p99_5"]],
+            "intensity_mean": fi["mean"],
+            "intensity_std": max(fi["std"], 1e-6),
+        }
+    return {"normalization": "zscore"}
+
+
 def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> dict[str, Any]:
-    """Derive settings from a fingerprint.
+    """Derive settings from a fingerprint: what the data alone suggest (the config's overrides come later).
 
     Args:
         fp: output of :func:`fingerprint`.
-        config: the run's config; ``resample.normalization`` states the modality, ``plan`` the budgets,
-            ``train.spatial_dims`` 2D or 3D.
-        device_type: ``cpu`` or ``cuda``: picks the network when ``train.network`` is ``auto`` and sizes it when
-            ``plan.base_features`` is null.
+        config: the run's config; ``plan`` holds the budgets, ``train.spatial_dims`` 2D or 3D, ``train.network``
+            the network family when the user chose one.
+        device_type: ``cpu`` or ``cuda``: picks the network when ``train.network`` is ``auto``, sizes it when
+            ``plan.base_features`` is null, and sets the augmentation preset and the budget.
 
     Returns:
-        ``{"resample": {...}, "train": {...}, "fingerprint": fp}``: target spacing, normalisation (CT: clip to
-        the foreground 0.5-99.5 percentiles then z-score with the foreground mean and std; MR: per-case z-score)
-        and the train settings (patch, batch, channels, strides, kernels).
+        ``{"resample": {...}, "train": {...}}``: target spacing and normalisation; network, augmentation preset,
+        patch, batch, channels, strides, kernels and the budget in epochs.
     """
     pc: PlanConfig = config.plan
     spacings = np.array(fp["spacings_mm"], dtype=float)
     shapes = np.array(fp["shapes_vox"], dtype=float)
     spacing = target_spacing(spacings)
+    if config.resample.target_spacing_mm is not None:  # the patch is planned on the grid that will be used
+        spacing = [float(s) for s in config.resample.target_spacing_mm]
     resampled = np.median(shapes * spacings / np.array(spacing), axis=0)
     dims = config.train.spatial_dims
     axes = 2 if dims == 2 else 3
@@ -197,55 +241,65 @@ def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> d
     # nnU-Net's rule: a batch covers at most 5% of the dataset's voxels, and at least 2 patches
     dataset_vox = float(np.sum(np.prod(shapes * spacings / np.array(spacing), axis=1)))
     batch = int(max(2, min(pc.max_batch_voxels // patch_vox, 0.05 * dataset_vox // patch_vox)))
-    fi = fp["foreground_intensity"]
-    if config.resample.normalization == "ct":
-        normalization = {
-            "scheme": "ct",
-            "clip": [fi["p00_5"], fi["p99_5"]],
-            "mean": fi["mean"],
-            "std": fi["std"],
-            "note": "clip to the foreground 0.5-99.5 percentiles, then z-score with the foreground mean and std",
-        }
-    else:
-        normalization = {"scheme": "zscore", "note": "per-case z-score (intensities without a unit, e.g. MR)"}
+    budget = GPU_BUDGET_ITERATIONS if device_type == "cuda" else CPU_BUDGET_ITERATIONS
     return {
-        "resample": {"target_spacing_mm": spacing, "normalization": normalization},
+        "resample": {"target_spacing_mm": spacing, **normalization_for(fp)},
         "train": {
             "network": network,
             "augment_preset": "nnunet" if device_type == "cuda" else "light",
-            "spatial_dims": dims,
             "patch_size_vox": patch + [1] * (3 - axes),
             "batch_size": batch,
             "channels": channels,
             "strides": strides,
             "kernel_sizes": kernels,
+            "epochs": math.ceil(budget / config.train.iterations_per_epoch),
             "median_resampled_shape_vox": [float(s) for s in resampled],
         },
-        "fingerprint": {k: v for k, v in fp.items() if k not in ("spacings_mm", "shapes_vox")},
     }
 
 
-def _uniform(strides: list[list[int]]) -> list[int]:
-    return [max(s) for s in strides]
+def contract(fp: dict[str, Any], classes: list[str], normalization: str) -> dict[str, Any]:
+    """What a model remembers of its training data (``medseg predict`` checks new scans against it): modalities,
+    classes, the range of voxel spacings and of the cases' whole-image 1st and 99th intensity percentiles."""
+    spacings = np.array(fp["spacings_mm"], dtype=float)
+    return {
+        "modalities": fp.get("modalities", ["unknown"]),
+        "classes": list(classes),
+        "spacing_mm": {
+            "min": spacings.min(axis=0).tolist(),
+            "max": spacings.max(axis=0).tolist(),
+            "median": np.median(spacings, axis=0).tolist(),
+        },
+        "intensity": {
+            "scheme": normalization,
+            "image_p01": fp.get("image_p01_range"),
+            "image_p99": fp.get("image_p99_range"),
+        },
+    }
 
 
-def resolve_train(train: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
-    """The train config with every ``null`` key taken from the plan; set keys are kept (the user's override).
+PLANNED_TRAIN_KEYS = ("network", "channels", "strides", "kernel_sizes", "patch_size_vox", "batch_size", "epochs")
+PLANNED_RESAMPLE_KEYS = ("target_spacing_mm", "normalization", "intensity_clip", "intensity_mean", "intensity_std")
 
-    ``network: auto`` takes the plan's network, ``augment.preset: auto`` the plan's augmentation preset.
+
+def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> TrainConfig:
+    """The train config with every ``null`` key taken from the plan's ``train`` section; set keys are kept.
+
+    ``network: auto`` takes the plan's network, ``augment.preset: auto`` the plan's augmentation preset, ``epochs:
+    null`` the plan's budget, or no epoch limit when ``max_minutes`` is set (the time then bounds the run).
     ``unet`` and ``segresnet`` take the plan's levels; ``segresnet`` halves every axis per level, so its patch is
     rounded up to fit.
     """
-    p = plan["train"]
+    p = planned
     network = train.network if train.network != "auto" else p.get("network", "dynunet")
     channels = train.channels if train.channels is not None else tuple(p["channels"])
     levels = len(channels)
     strides = train.strides
     if strides is None:
-        planned = [tuple(s) for s in p["strides"]][: levels - 1]
-        while len(planned) < levels - 1:  # the user asked for more levels than the plan: halve in-plane
-            planned.append(tuple([2] * len(p["strides"][0] if p["strides"] else [2] * (train.spatial_dims))))
-        strides = tuple(planned)
+        planned_strides = [tuple(s) for s in p["strides"]][: levels - 1]
+        while len(planned_strides) < levels - 1:  # the user asked for more levels than the plan: halve in-plane
+            planned_strides.append(tuple([2] * len(p["strides"][0] if p["strides"] else [2] * (train.spatial_dims))))
+        strides = tuple(planned_strides)
     kernels = train.kernel_sizes
     if kernels is None:
         planned_k = [tuple(k) for k in p["kernel_sizes"]][:levels]
@@ -258,6 +312,9 @@ def resolve_train(train: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
         axes = 2 if train.spatial_dims == 2 else 3
         patch = tuple(int(math.ceil(s / f) * f) if a < axes else s for a, s in enumerate(patch))
     batch = train.batch_size if train.batch_size is not None else int(p["batch_size"])
+    epochs = train.epochs
+    if epochs is None:
+        epochs = UNBOUNDED_EPOCHS if train.max_minutes else int(p["epochs"])
     return train.model_copy(
         update={
             "network": network,
@@ -267,11 +324,35 @@ def resolve_train(train: TrainConfig, plan: dict[str, Any]) -> TrainConfig:
             "kernel_sizes": tuple(kernels),
             "patch_size_vox": tuple(int(s) for s in patch),
             "batch_size": batch,
+            "epochs": epochs,
         }
     )
 
 
-def overrides(train: TrainConfig) -> dict[str, Any]:
-    """Which planned keys the user set in the config (they win over the plan)."""
-    keys = ("channels", "strides", "kernel_sizes", "patch_size_vox", "batch_size")
-    return {k: getattr(train, k) for k in keys if getattr(train, k) is not None}
+def resolve_resample(resample: ResampleConfig, planned: dict[str, Any]) -> ResampleConfig:
+    """The resample config with every ``null`` key from the plan's ``resample`` section; set keys are kept.
+
+    A user's ``normalization`` other than the plan's takes its own parameters: ``ct`` chosen for data the plan
+    z-scores gets the plan's foreground statistics all the same (they are measured for every modality).
+    """
+    update: dict[str, Any] = {}
+    for key in PLANNED_RESAMPLE_KEYS:
+        if getattr(resample, key) is None and planned.get(key) is not None:
+            update[key] = tuple(planned[key]) if isinstance(planned[key], list) else planned[key]
+    return resample.model_copy(update=update)
+
+
+def overrides(config: Config) -> dict[str, Any]:
+    """The planned keys the user set in the config (they win over the plan), as ``{"train.batch_size": 4}``."""
+    found: dict[str, Any] = {}
+    for section, keys in (("train", PLANNED_TRAIN_KEYS), ("resample", PLANNED_RESAMPLE_KEYS)):
+        values = getattr(config, section)
+        for key in keys:
+            value = getattr(values, key)
+            if value is not None and value != "auto":
+                found[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    if config.train.max_minutes is not None:
+        found["train.max_minutes"] = config.train.max_minutes
+    if config.train.augment.preset != "auto":
+        found["train.augment.preset"] = config.train.augment.preset
+    return found

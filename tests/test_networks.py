@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medseg.config import TrainConfig
-from medseg.train.networks import SliceNetwork, build_network
+from medseg.networks import SliceNetwork, build_network
 
 
 @pytest.mark.parametrize("network", ["dynunet", "unet", "segresnet"])

@@ -1,0 +1,1 @@
+"""The plan stage: fingerprint the training data, derive the recipe every later stage follows."""
