@@ -1,5 +1,7 @@
 # One job per shard of patients and one model load: test patients by the model (or the folds' ensemble), and for
 # the keep-largest decision the val patients, or with folds each fold's held-out patients by that fold's model.
+# One torch thread per job: shards run side by side, and torch threads of two jobs sharing cores wait for each
+# other (24 hippocampus cases in two jobs: 16 s with 1 thread each, 21 s with 2; BENCHMARKS.md).
 rule infer:
     input:
         manifest=WF.manifest,
@@ -13,7 +15,7 @@ rule infer:
         folder=WF.stage_dir("infer"),
     log:
         WF.log("infer/{shard}"),
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     shell:
