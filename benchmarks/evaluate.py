@@ -28,7 +28,7 @@ import torch
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from scipy import ndimage
 
-from medseg.evaluate.metrics import label_metrics
+from medseg.metrics import label_metrics
 
 SHAPE = (512, 512, 300)
 SPACING = (0.8, 0.8, 1.0)

@@ -23,14 +23,14 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from medseg.demo_data.dicom import Identity, SeriesGeometry, write_ct_series
-from medseg.ingest.dicom import load_series
+from medseg.ingest.dicom import read_series
 from medseg.io import write_volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def medseg_read(files: list[Path], out: Path | None) -> None:
-    series = load_series(files)
+    series = read_series(files)
     if out is not None:
         write_volume(series.image, out)
 

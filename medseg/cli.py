@@ -91,6 +91,9 @@ def _resample(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.resample.run import run_many
 
     torch.set_num_threads(1)  # the pool runs cases side by side; one torch thread each does not oversubscribe
+    from medseg.device import usable_cores
+
+    args.threads = min(args.threads, usable_cores())
     wanted = _entries(args.manifest, args.patient_id)
     failures = run_many(_planned(cfg, args.plan), wanted, Path(args.output_dir), args.threads, track=_track)
     if failures:
@@ -132,11 +135,11 @@ def _plan(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _infer(cfg: Config, args: argparse.Namespace) -> int:
-    import torch
 
+    from medseg.device import set_torch_threads
     from medseg.infer.run import run, run_many
 
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     if args.image:
         if not args.output:
             raise MedsegError("medseg infer --image needs --output")
@@ -153,24 +156,24 @@ def _infer(cfg: Config, args: argparse.Namespace) -> int:
 def _postprocess(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.postprocess.run import run, run_many
 
-    plan = Path(args.plan) if args.plan else None
+    decision = Path(args.decision) if args.decision else None
     if args.input:
         if not args.output:
             raise MedsegError("medseg postprocess --input needs --output")
-        run(cfg, Path(args.input), Path(args.output), plan)
+        run(cfg, Path(args.input), Path(args.output), decision)
         return 0
     if not (args.input_dir and args.output_dir and args.patient_id):
         raise MedsegError("medseg postprocess needs --input and --output, or --input-dir, --output-dir, --patient-id")
-    failures = run_many(cfg, args.patient_id, Path(args.input_dir), Path(args.output_dir), plan, args.threads)
+    failures = run_many(cfg, args.patient_id, Path(args.input_dir), Path(args.output_dir), decision, args.threads)
     _shard_record(args.record, args.patient_id, failures)
     return EXIT_SKIPPED if failures and not args.skips_ok else 0
 
 
-def _postprocess_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from medseg.postprocess.run import plan_run
+def _postprocess_decide(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.postprocess.run import decide_run
 
     splits = args.split or ["val"]
-    decision = plan_run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output), split=splits)
+    decision = decide_run(cfg, Path(args.manifest), Path(args.predictions), Path(args.output), split=splits)
     log.info(
         "keep-largest on %s (mean %s Dice %s -> %s over %d case(s)); decision in %s",
         decision["keep_largest"] or "no class",
@@ -208,17 +211,18 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _predict(cfg: Config, args: argparse.Namespace) -> int:
-    from medseg.predict.run import run, write_plan
+    from medseg.predict.run import run, write_series_list
 
-    if args.plan:
-        jobs = write_plan(cfg, Path(args.input), Path(args.output))
+    if args.list_series:
+        jobs = write_series_list(cfg, Path(args.input), Path(args.output))
         log.info("%d eligible series listed in %s", len(jobs), Path(args.output) / "series.tsv")
         return 0
     if not args.model:
         raise MedsegError("medseg predict needs --model (a checkpoint, an MLflow run id or a runs:/ URI)")
-    import torch
 
-    torch.set_num_threads(args.threads)
+    from medseg.device import set_torch_threads
+
+    set_torch_threads(args.threads)
     result = run(
         cfg,
         args.model,
@@ -327,14 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dir", default=None, help="folder of <patient_id>.nii.gz (with --patient-id)")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--patient-id", nargs="+", default=None)
-    p.add_argument("--plan", default=None, help="decision JSON of `medseg postprocess-plan` to apply as well")
+    p.add_argument("--decision", default=None, help="decision JSON of `medseg postprocess-decide` to apply as well")
     p.add_argument("--record", default=None, help="JSON written last, listing the patients done (workflow shards)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients failed")
 
     p = command(
-        "postprocess-plan",
-        _postprocess_plan,
+        "postprocess-decide",
+        _postprocess_decide,
         "decide keep-largest per class from validation predictions (nnU-Net's rule); write the decision JSON",
     )
     p.add_argument("--manifest", required=True)
@@ -355,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder of DICOM series (any layout) and/or NIfTI files")
     p.add_argument("--output", required=True)
     p.add_argument("--series-id", action="append", default=None, help="only this series (repeatable)")
-    p.add_argument("--plan", action="store_true", help="only list the eligible series into <output>/series.tsv")
+    p.add_argument(
+        "--list-series", action="store_true", help="only list the eligible series into <output>/series.tsv"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some series failed or were skipped")
     p.add_argument(

@@ -215,8 +215,39 @@ class TrainConfig(_Section):
         return self
 
 
+Strides = tuple[int | tuple[int, ...], ...]
+
+
+class Recipe(TrainConfig):
+    """A train section the plan resolved (:func:`medseg.plan.functional.resolve_train`): the network, its levels,
+    the patch, the batch and the budget are all set. Training takes a recipe, so nothing downstream is optional."""
+
+    network: Literal["dynunet", "unet", "segresnet"]
+    channels: tuple[int, ...]
+    strides: Strides
+    kernel_sizes: Strides
+    batch_size: int = Field(ge=1)
+    patch_size_vox: tuple[int, int, int]
+    epochs: int = Field(ge=1)
+
+
+def recipe_of(train: TrainConfig) -> Recipe:
+    """``train`` as a :class:`Recipe`.
+
+    Raises:
+        ConfigError: a planned key is still null (no plan was applied).
+    """
+    if isinstance(train, Recipe):
+        return train
+    try:
+        return Recipe.model_validate(train.model_dump())
+    except ValidationError as err:
+        missing = sorted({str(e["loc"][0]) for e in err.errors()})
+        raise ConfigError(f"train keys {missing} are not resolved: apply the plan (results/plan/plan.json)") from err
+
+
 class PlanConfig(_Section):
-    """How the data plan (``medseg plan``, also run by ``medseg train``) turns the fingerprint into settings."""
+    """How the data plan (``medseg plan``) turns the fingerprint into settings."""
 
     max_patch_voxels: int = Field(160_000, ge=4096, description="patch budget; nnU-Net's GPU patches are ~10x larger")
     max_batch_voxels: int = Field(
@@ -291,7 +322,7 @@ class PostprocessConfig(_Section):
     auto_keep_largest: bool = Field(
         True,
         description="workflow: decide keep-largest per class from the validation patients' predictions (nnU-Net's "
-        "rule: only where the mean Dice improves and no class gets worse); the decision is postprocess/plan.json",
+        "rule: only where the mean Dice improves and no class gets worse); the decision is postprocess/decision.json",
     )
 
 

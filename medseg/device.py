@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -31,3 +32,24 @@ def select_device(requested: str) -> torch.device:
             return torch.device("cuda")
         log.info("device auto: no CUDA device found, using the CPU")
     return torch.device("cpu")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which cgroup-limited jobs and `taskset` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_torch_threads(requested: int) -> int:
+    """Set torch's CPU threads to ``requested`` (Snakemake's ``threads``), never more than the usable cores.
+
+    ``snakemake --cores 8`` on a 2-core machine hands a job 8 threads; 8 torch threads on 2 cores wait for each
+    other at every parallel region (the hippocampus training ran at 6.5 instead of about 19 samples/s).
+    """
+    threads = max(1, min(int(requested), usable_cores()))
+    if threads < requested:
+        log.info("%d threads requested, %d core(s) usable: torch uses %d", requested, usable_cores(), threads)
+    torch.set_num_threads(threads)
+    return threads

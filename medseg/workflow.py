@@ -7,7 +7,7 @@ The Snakefile hands Snakemake's ``config`` (the user's ``--configfile``/``--conf
 passes that file to its ``medseg`` command.
 
 Stage graph: demo_data -> ingest (checkpoint) -> plan -> resample (shards) -> train (one job, or one per fold, then
-ensemble) -> infer (shards) -> postprocess_plan -> postprocess (shards) -> evaluate -> report. A shard is
+ensemble) -> infer (shards) -> postprocess_decide -> postprocess (shards) -> evaluate -> report. A shard is
 ``jobs.cases_per_job`` patients of the sorted manifest, so that hundreds of small cases do not cost a process each.
 """
 
@@ -175,13 +175,13 @@ class Workflow:
         return [str(self.fold_dir(k) / "model.pt") for k in range(self.folds or 0)]
 
     @property
-    def postprocess_plan(self) -> Path:
-        return self.stage_dir("postprocess") / "plan.json"
+    def postprocess_decision(self) -> Path:
+        return self.stage_dir("postprocess") / "decision.json"
 
-    def postprocess_plan_inputs(self) -> list[str]:
-        """The plan as an input of every ``postprocess`` job, when one is made (auto mode, validation patients)."""
+    def postprocess_decision_inputs(self) -> list[str]:
+        """The decision as an input of every ``postprocess`` job, when one is made (auto mode, validation patients)."""
         made = self.config.postprocess.auto_keep_largest and bool(self.decision_records())
-        return [str(self.postprocess_plan)] if made else []
+        return [str(self.postprocess_decision)] if made else []
 
     def final_targets(self) -> list[str]:
         d = self.stage_dir("evaluate")
@@ -196,7 +196,7 @@ class Workflow:
         return self.stage_dir("predict")
 
     @property
-    def predict_plan(self) -> Path:
+    def predict_series_list(self) -> Path:
         """``series.tsv``: the eligible series below ``predict.input_dir``, one job each."""
         return self.predict_dir / "series.tsv"
 
@@ -214,8 +214,8 @@ class Workflow:
         return str(self.predict_dir / "records" / f"{series_id}.json")
 
     def predict_records(self) -> list[str]:
-        """One record per series of the plan (call after the predict_plan checkpoint)."""
-        return [self.predict_record(r["series_id"]) for r in read_tsv(self.predict_plan)]
+        """One record per series of the plan (call after the predict_series_list checkpoint)."""
+        return [self.predict_record(r["series_id"]) for r in read_tsv(self.predict_series_list)]
 
     def predict_targets(self) -> list[str]:
         """The summary of predicting ``predict.input_dir``; nothing when it is not set."""

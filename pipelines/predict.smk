@@ -2,11 +2,11 @@
 # `--cores N` predicts N series at once; predict_all then writes the folder's summary (resuming every series).
 if WF.config.predict.input_dir is not None:
 
-    checkpoint predict_plan:
+    checkpoint predict_series_list:
         input:
             WF.config.predict.input_dir,
         output:
-            WF.predict_plan,
+            WF.predict_series_list,
         params:
             config=CFG,
             digest=WF.config.section_digest("ingest"),
@@ -15,12 +15,12 @@ if WF.config.predict.input_dir is not None:
             WF.log("predict/plan"),
         threads: 1
         shell:
-            "medseg predict --config {params.config} --plan --input {input} --output {params.folder} > {log} 2>&1"
+            "medseg predict --config {params.config} --list-series --input {input} --output {params.folder} > {log} 2>&1"
 
     rule predict:
         input:
             model=WF.predict_model_inputs(),
-            plan=WF.predict_plan,
+            series=WF.predict_series_list,
         output:
             WF.predict_record("{series_id}"),
         params:
@@ -39,7 +39,7 @@ if WF.config.predict.input_dir is not None:
 
     rule predict_all:
         input:
-            after_checkpoint(checkpoints.predict_plan, WF.predict_records),
+            after_checkpoint(checkpoints.predict_series_list, WF.predict_records),
         output:
             WF.predict_dir / "summary.tsv",
         params:

@@ -92,7 +92,7 @@ def test_tiny_workflow_end_to_end(repo: Path, tmp_path: Path, monkeypatch: pytes
     # keep-largest decided on the validation patients' predictions, and applied to every test patient
     val = [e.patient_id for e in entries if e.split == "val"]
     assert val and all((wf.stage_dir("infer") / f"{p}.nii.gz").exists() for p in val)
-    decision = read_json(wf.postprocess_plan)
+    decision = read_json(wf.postprocess_decision)
     assert decision["n_cases"] == len(val) and set(decision["keep_largest"]) <= set(config.classes)
 
     rows = read_tsv(wf.stage_dir("evaluate") / "metrics.tsv")
@@ -164,7 +164,7 @@ def test_two_fold_workflow_ensembles_both_folds(repo: Path, tmp_path: Path, monk
         records = [read_json(p) for p in wf.infer_records(f"fold{k}")]
         assert sorted(p for r in records for p in r["patients"]) == held_out
         assert all(r["ensemble_members"] == 1 for r in records)
-    decision = read_json(wf.postprocess_plan)
+    decision = read_json(wf.postprocess_decision)
     assert decision["n_cases"] == len(plan["folds"]) and decision["split"] == "train+val"
     rows = read_tsv(wf.stage_dir("evaluate") / "metrics.tsv")
     assert {r["patient_id"] for r in rows} == set(wf.patients("test"))

@@ -17,14 +17,13 @@ import numpy as np
 from medseg import tracking
 from medseg.config import Config
 from medseg.errors import GeometryError, ManifestError, MedsegError
-from medseg.evaluate.metrics import CLASS_METRICS, EMPTY_CONVENTION, PATIENT_METRICS, empty_case, label_metrics
 from medseg.io import read_json, read_volume, write_json, write_text, write_tsv
 from medseg.manifest import read_manifest, select
+from medseg.metrics import CLASS_METRICS, EMPTY_CONVENTION, PATIENT_METRICS, empty_case, label_metrics
 from medseg.volume import Label, describe_grid, same_grid
 
 log = logging.getLogger(__name__)
 
-METRICS = CLASS_METRICS
 COLUMNS = ["patient_id", "class", *CLASS_METRICS, "ref_volume_mm3", "pred_volume_mm3", *PATIENT_METRICS]
 EMPTY_CASES = ("both_empty", "reference_empty_only", "prediction_empty_only")
 

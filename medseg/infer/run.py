@@ -16,11 +16,11 @@ import torch
 from medseg.config import Config
 from medseg.device import select_device
 from medseg.errors import ConfigError, MedsegError
-from medseg.infer.functional import predict_probabilities, to_original_grid_bounded
 from medseg.io import read_volume, write_json, write_volume
 from medseg.manifest import Entry
 from medseg.models import load_model
 from medseg.resample.functional import preprocess
+from medseg.sliding_window import predict_probabilities, to_original_grid_bounded
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)

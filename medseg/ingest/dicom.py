@@ -47,13 +47,6 @@ class Frame:
     intercept: float
     shape: tuple[int, int]
 
-    def pixels(self) -> np.ndarray:
-        """The frame's stored values as ``(rows, columns)`` float32, rescaled to real-world units."""
-        array = self.dataset.pixel_array
-        if self.index is not None:
-            array = array[self.index]
-        return array.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
-
 
 def _floats(value: Any, n: int, what: str) -> np.ndarray:
     if value is None:
@@ -250,7 +243,7 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
 def output_dtype(frames: Sequence[Frame]) -> np.dtype:
     """int16 when every frame's rescale is slope 1 with a whole intercept and every possible stored and
     rescaled value fits int16; int32 when the rescale is such but the possible range is wider (the values are
-    then checked after decoding, see :func:`load_series`); float32 otherwise."""
+    then checked after decoding, see :func:`read_series`); float32 otherwise."""
     info = np.iinfo(np.int16)
     dtype = np.dtype(np.int16)
     for frame in frames:
@@ -355,7 +348,7 @@ def _fill_stack(ordered: Sequence[Frame], stack: np.ndarray, decoded: dict[int, 
             _decode_into(frame, stack[k])
 
 
-def load_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers: int | None = None) -> SeriesVolume:
+def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers: int | None = None) -> SeriesVolume:
     """Read DICOM files of one series as a volume in RAS (not yet reoriented).
 
     Each file is read once by pydicom (header and pixel bytes together) in a thread pool, and a compressed
@@ -397,26 +390,6 @@ def load_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers
     uids = [str(f.dataset.get("SOPInstanceUID", "")) for f in ordered]
     facts = acquisition_facts(ordered[0].dataset, lps_affine, volume.shape)
     return SeriesVolume(Image(volume, LPS_TO_RAS @ lps_affine), facts, lps_affine, uids)
-
-
-def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05) -> tuple[Image, dict[str, Any]]:
-    """Read DICOM files of one series as an image in RAS (not yet reoriented).
-
-    Args:
-        files: every file of the series, any order; classic single-frame or one multi-frame object.
-        tolerance_mm: see :func:`stack_geometry`.
-
-    Returns:
-        ``(image, facts)``: the volume ``(1, columns, rows, slices)`` in real-world units (HU for CT; int16 when
-        that is exact, else float32) with
-        its RAS affine, and non-identifying acquisition facts for the sidecar.
-
-    Raises:
-        ImageReadError: a file cannot be read or decoded.
-        GeometryError: the slices do not form a regular grid.
-    """
-    series = load_series(files, tolerance_mm)
-    return series.image, series.facts
 
 
 def acquisition_facts(ds: Dataset, lps_affine: np.ndarray, shape: Sequence[int]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from medseg.config import Config
-from medseg.errors import GeometryError, ImageReadError, MedsegError
-from medseg.ingest.dicom import SeriesVolume, load_series
+from medseg.errors import ConfigError, GeometryError, ImageReadError, MedsegError
+from medseg.ingest.dicom import SeriesVolume, read_series
 from medseg.ingest.discover import Case, Series, discover, rank_series
 from medseg.ingest.labels import read_label_object
 from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
@@ -58,7 +58,7 @@ def load_case_image(
     errors = []
     for s in eligible:
         try:
-            series = load_series(s.files, config.ingest.slice_tolerance_mm)
+            series = read_series(s.files, config.ingest.slice_tolerance_mm)
         except MedsegError as err:
             errors.append(f"{s.name()}: {err}")
             report.append({"patient_id": pid, "series": s.name(), "status": "refused", "reason": str(err)})
@@ -194,10 +194,10 @@ def run(
         The manifest rows, the failures (each with a reason) and the per-series report.
 
     Raises:
-        ImageReadError: when ``input_dir`` does not exist.
+        ConfigError: ``input_dir`` is not a folder (as in ``medseg predict``).
     """
     if not input_dir.is_dir():
-        raise ImageReadError(f"input folder {input_dir} does not exist")
+        raise ConfigError(f"input folder {input_dir} does not exist")
     key = load_or_create_key(config.ingest.pseudonym_key_file)
     found = discover(input_dir)
     redact = Redactor(found.identity_values)

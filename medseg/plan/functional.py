@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import AugmentConfig, Config, PlanConfig, ResampleConfig, TrainConfig
+from medseg.config import AugmentConfig, Config, PlanConfig, Recipe, ResampleConfig, TrainConfig
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ PLANNED_TRAIN_KEYS = ("network", "channels", "strides", "kernel_sizes", "patch_s
 PLANNED_RESAMPLE_KEYS = ("target_spacing_mm", "normalization", "intensity_clip", "intensity_mean", "intensity_std")
 
 
-def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> TrainConfig:
+def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> Recipe:
     """The train config with every ``null`` key taken from the plan's ``train`` section; set keys are kept.
 
     ``network: auto`` takes the plan's network, ``augment.preset: auto`` the plan's augmentation preset, ``epochs:
@@ -315,17 +315,19 @@ def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> TrainConfig:
     epochs = train.epochs
     if epochs is None:
         epochs = UNBOUNDED_EPOCHS if train.max_minutes else int(p["epochs"])
-    return train.model_copy(
-        update={
-            "network": network,
-            "augment": resolve_augment(train.augment, p.get("augment_preset", "nnunet")),
-            "channels": tuple(channels),
-            "strides": tuple(strides),
-            "kernel_sizes": tuple(kernels),
-            "patch_size_vox": tuple(int(s) for s in patch),
-            "batch_size": batch,
-            "epochs": epochs,
-        }
+    values = train.model_dump()
+    values.update(
+        network=network,
+        channels=tuple(channels),
+        strides=tuple(strides),
+        kernel_sizes=tuple(kernels),
+        patch_size_vox=tuple(int(s) for s in patch),
+        batch_size=batch,
+        epochs=epochs,
+    )
+    # the augmentation keeps its record of which keys the user set (model_dump would lose it)
+    return Recipe.model_validate(values).model_copy(
+        update={"augment": resolve_augment(train.augment, p.get("augment_preset", "nnunet"))}
     )
 
 

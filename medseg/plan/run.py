@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from medseg.config import Config, ResampleConfig, TrainConfig
+from medseg.config import Config, Recipe, ResampleConfig
 from medseg.device import select_device
 from medseg.errors import ConfigError, ManifestError
 from medseg.io import read_json, read_volume, write_json
@@ -50,7 +50,7 @@ class Plan(BaseModel):
     planned: dict[str, Any]
     overrides: dict[str, Any]
     resample: ResampleConfig
-    train: TrainConfig
+    train: Recipe
     contract: dict[str, Any]
     folds: dict[str, int] | None = None
 

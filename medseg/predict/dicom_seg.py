@@ -218,24 +218,3 @@ def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> Path:
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
-
-
-def read_segmentation_frames(path: Path, frames: Sequence[Frame]) -> np.ndarray:
-    """Decode a SEG written by :func:`build_segmentation` back to label frames ``(slices, rows, columns)``.
-
-    Frames the SEG leaves out (empty ones) come back as background.
-    """
-    seg = hd.seg.segread(path)
-    if all(f.index is None for f in frames):
-        return seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[str(f.dataset.SOPInstanceUID) for f in frames],
-            combine_segments=True,
-            assert_missing_frames_are_empty=True,
-        )
-    by_frame = seg.get_pixels_by_source_frame(
-        source_sop_instance_uid=str(frames[0].dataset.SOPInstanceUID),
-        source_frame_numbers=[int(f.index) + 1 for f in frames],  # type: ignore[arg-type]
-        combine_segments=True,
-        assert_missing_frames_are_empty=True,
-    )
-    return np.asarray(by_frame)

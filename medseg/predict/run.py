@@ -55,7 +55,7 @@ from medseg.io import read_json, read_volume, to_canonical, write_json, write_ts
 from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
 from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
-from medseg.predict.qc import render_qc
+from medseg.qc import render_qc
 from medseg.volume import Image
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,8 @@ def _predict_and_commit(
     frames = None
     window = None
     if job.source_format == "dicom":
-        source, facts = read_series(job.files, config.ingest.slice_tolerance_mm)
+        series = read_series(job.files, config.ingest.slice_tolerance_mm)
+        source, facts = series.image, series.facts
         window = config.predict.qc_ct_window_hu if facts.get("modality") == "CT" else None
         frames, frames_affine = source_frames(job.files, config.ingest.slice_tolerance_mm)
         if not np.allclose(frames_affine, source.affine, atol=1e-4):
@@ -394,7 +395,7 @@ def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> t
     return rows, columns
 
 
-def write_plan(config: Config, input_dir: Path, output_dir: Path) -> list[SeriesJob]:
+def write_series_list(config: Config, input_dir: Path, output_dir: Path) -> list[SeriesJob]:
     """Write ``series.tsv``: the eligible series (no identity values), for the workflow's one-job-per-series."""
     jobs, _failures, _redact = plan(config, input_dir)
     write_tsv(output_dir / "series.tsv", [j.row() for j in jobs], PLAN_COLUMNS)

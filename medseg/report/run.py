@@ -25,7 +25,7 @@ from medseg.errors import ManifestError
 from medseg.io import read_json, read_tsv, read_volume, write_text
 from medseg.manifest import read_manifest
 from medseg.predict.functional import default_color
-from medseg.predict.qc import render_qc
+from medseg.qc import render_qc
 from medseg.report.plots import box_plots, training_curves
 from medseg.volume import Image, Label
 

@@ -21,12 +21,13 @@ from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
 from medseg import tracking
-from medseg.config import Config, TrainConfig
+from medseg.config import Config, Recipe, TrainConfig, recipe_of
 from medseg.errors import MedsegError
-from medseg.infer.functional import predict_probabilities
 from medseg.io import atomic_path, write_json, write_text, write_tsv
 from medseg.models import load_checkpoint, load_state, save_checkpoint
 from medseg.networks import build_network
+from medseg.plan.functional import UNBOUNDED_EPOCHS
+from medseg.sliding_window import predict_probabilities
 from medseg.train.losses import build_loss
 from medseg.train.transforms import train_transforms
 from medseg.volume import Image
@@ -116,8 +117,7 @@ class Sampler:
     patches. Seeded per epoch (``seed``, ``epoch``), so a run resumed at an epoch boundary draws exactly what the
     uninterrupted run would have drawn, without pickling every transform's random state."""
 
-    def __init__(self, items: list[dict[str, Any]], cfg: TrainConfig) -> None:
-        assert cfg.patch_size_vox is not None and cfg.batch_size is not None  # resolved by the plan
+    def __init__(self, items: list[dict[str, Any]], cfg: Recipe) -> None:
         self.items, self.cfg = items, cfg
         self.transform = train_transforms(
             cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
@@ -129,7 +129,7 @@ class Sampler:
         self.transform.set_random_state(seed=int(self.rng.integers(2**31)))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.cfg.batch_size or 1
+        size = self.cfg.batch_size
         patches: list[dict[str, Any]] = []
         while len(patches) < size:
             item = self.items[int(self.rng.integers(len(self.items)))]
@@ -142,14 +142,18 @@ class Sampler:
 
 
 def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config, device: torch.device) -> np.ndarray:
-    """Mean Dice per foreground class over whole validation volumes (sliding windows, as at inference)."""
-    assert config.train.patch_size_vox is not None
+    """Mean Dice per foreground class over whole validation volumes (sliding windows, as at inference).
+
+    Raises:
+        ConfigError: the config's train section is not resolved by a plan.
+    """
+    patch = recipe_of(config.train).patch_size_vox
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
     n = config.num_classes
     infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
     for item in items:
         probs = predict_probabilities(
-            model, Image(item["image"], np.eye(4)), config.train.patch_size_vox, infer, device
+            model, Image(item["image"], np.eye(4)), patch, infer, device
         )
         pred = torch.as_tensor(probs.array.argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
@@ -257,7 +261,7 @@ def fit(
     """Train (or resume) and write ``model.pt`` (best), ``last.pt``, ``history.tsv``, ``run.json``.
 
     Args:
-        config: a config whose ``train`` section the plan resolved (see :func:`medseg.train.plan.resolve_train`).
+        config: a config whose ``train`` section the plan resolved (see :func:`medseg.plan.functional.resolve_train`).
         train_items: ``{"patient_id", "image" (1, X, Y, Z) float, "label" (1, X, Y, Z) int}`` preprocessed.
         val_items: the same for validation (may be empty: then the last model is the model).
         output_dir: the train folder.
@@ -270,41 +274,14 @@ def fit(
 
     Returns:
         ``{"run_id", "best_val_dice", "best_epoch", "epochs", "elapsed_s", "stopped"}``.
+
+    Raises:
+        ConfigError: the config's train section is not resolved by a plan.
     """
-    cfg = config.train
-    info = info or ModelInfo()
-    configure_torch(cfg, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model = build_network(cfg, config.num_classes).to(device)
-    loss_fn = build_loss(cfg, config.num_classes).to(device)
-    optimizer = build_optimizer(model, cfg)
-    schedule = Schedule(optimizer, cfg)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    progress = Progress()
-    state = load_resume_state(output_dir, identity)
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        progress = Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
-        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        python = state["rng"]["python"]
-        random.setstate((python[0], tuple(python[1]), python[2]))
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log.info(
-            "resuming from %s after epoch %d (MLflow run %s)", output_dir / "last.pt", progress.epoch, progress.run_id
-        )
-    else:
-        schedule.apply()
+    trainer = Trainer(config, train_items, val_items, output_dir, device, identity, info or ModelInfo())
+    trainer.restore()
     write_text(output_dir / "config.yaml", config.to_yaml())
-    sampler = Sampler(train_items, cfg)
-    budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes else math.inf
-    stopped = "finished" if progress.finished else ""
+    progress = trainer.progress
     with tracking.run(
         config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}"
     ) as run_id:
@@ -313,98 +290,175 @@ def fit(
             progress.run_id = run_id
             tracking.log_params(params or {"config": config.to_dict()})
         tracking.set_tags({"config_digest": config.digest(), "device": str(device), **(tags or {})})
-        session_start = time.perf_counter() - progress.elapsed_s
+        trainer.session_start = time.perf_counter() - progress.elapsed_s
         while not progress.finished:
-            epoch = progress.epoch + 1
-            sampler.start_epoch(epoch)
-            model.train()
-            start, losses, samples = time.perf_counter(), [], 0
-            for _ in range(cfg.iterations_per_epoch):
-                image, label = sampler.batch()
-                image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss = loss_fn(model(image), label)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step(time.perf_counter() - session_start)
-                losses.append(float(loss.detach()))
-                samples += image.shape[0]
-                if time.perf_counter() - session_start >= budget_s:
-                    break
-            seconds = time.perf_counter() - start
-            progress.epoch = epoch
-            progress.elapsed_s = time.perf_counter() - session_start
-            out_of_time = progress.elapsed_s >= budget_s
-            last_epoch = epoch >= (cfg.epochs or 1) or out_of_time
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": float(np.mean(losses)),
-                "learning_rate": schedule.lr,
-                "seconds_per_epoch": seconds,
-                "samples_per_second": samples / seconds,
-                "elapsed_minutes": progress.elapsed_s / 60.0,
-            }
-            if val_items and (epoch % cfg.val_every_epochs == 0 or last_epoch):
-                dice = validate(model, val_items, config, device)
-                row["val_dice_mean"] = float(np.nanmean(dice))
-                for name, value in zip(config.classes, dice, strict=True):
-                    row[f"val_dice_{name}"] = float(value)
-                if row["val_dice_mean"] > progress.best:
-                    progress.best, progress.best_epoch, progress.stale = row["val_dice_mean"], epoch, 0
-                    _save_model(output_dir / "model.pt", model, config, info, epoch, progress.best)
-                else:
-                    progress.stale += 1
-            patience = cfg.early_stopping_patience
-            early = patience is not None and progress.stale >= patience
-            if not val_items:
-                _save_model(output_dir / "model.pt", model, config, info, epoch, float("nan"))
-            progress.history.append(row)
-            progress.finished = last_epoch or early
-            stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            _save_last(output_dir / "last.pt", model, config, identity, progress, optimizer, schedule, scaler)
-            log.info(
-                "epoch %d/%d loss %.4f lr %.2e%s (%.1f s, %.1f samples/s)",
-                epoch,
-                cfg.epochs,
-                row["train_loss"],
-                row["learning_rate"],
-                f" val Dice {row['val_dice_mean']:.3f}" if "val_dice_mean" in row else "",
-                seconds,
-                row["samples_per_second"],
-            )
-        columns = sorted({k for r in progress.history for k in r}, key=lambda k: (k != "epoch", k))
-        write_tsv(output_dir / "history.tsv", progress.history, columns)
-        tracking.set_tags({"stopped_by": stopped})
-        for path, folder in [
-            (output_dir / "model.pt", "train"),
-            (output_dir / "config.yaml", "train"),
-            (output_dir / "history.tsv", "train"),
-            *(artifacts or []),
-        ]:
-            tracking.log_artifact(path, folder)
-        if cfg.log_model:
-            _log_mlflow_model(output_dir / "model.pt", config, device)
+            trainer.epoch(progress.epoch + 1)
+        trainer.finish(artifacts or [])
     return {
         "run_id": run_id,
         "best_val_dice": progress.best,
         "best_epoch": progress.best_epoch,
         "epochs": progress.epoch,
         "elapsed_s": progress.elapsed_s,
-        "stopped": stopped,
+        "stopped": trainer.stopped,
     }
 
 
-def _log_mlflow_model(checkpoint: Path, config: Config, device: torch.device) -> None:
+class Trainer:
+    """The steps of :func:`fit`: restore a checkpoint, train an epoch, validate and save, finish."""
+
+    def __init__(
+        self,
+        config: Config,
+        train_items: list[dict[str, Any]],
+        val_items: list[dict[str, Any]],
+        output_dir: Path,
+        device: torch.device,
+        identity: str,
+        info: ModelInfo,
+    ) -> None:
+        self.config, self.cfg = config, recipe_of(config.train)
+        self.val_items, self.output_dir, self.device = val_items, output_dir, device
+        self.identity, self.info = identity, info
+        configure_torch(self.cfg, device)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.model = build_network(self.cfg, config.num_classes).to(device)
+        self.loss_fn = build_loss(self.cfg, config.num_classes).to(device)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.schedule = Schedule(self.optimizer, self.cfg)
+        self.use_amp = self.cfg.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.sampler = Sampler(train_items, self.cfg)
+        self.budget_s = 60.0 * self.cfg.max_minutes if self.cfg.max_minutes else math.inf
+        self.progress = Progress()
+        self.stopped = ""
+        self.session_start = time.perf_counter()
+
+    def restore(self) -> None:
+        """Continue from ``last.pt`` of the same run (weights, optimiser, schedule, scaler, random state, history)."""
+        state = load_resume_state(self.output_dir, self.identity)
+        if state is None:
+            self.schedule.apply()
+            return
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        python = state["rng"]["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.stopped = "finished" if self.progress.finished else ""
+        last = self.output_dir / "last.pt"
+        log.info("resuming from %s after epoch %d (MLflow run %s)", last, self.progress.epoch, self.progress.run_id)
+
+    def train_epoch(self, epoch: int) -> tuple[list[float], int, float]:
+        """One epoch of ``iterations_per_epoch`` steps (fewer when the budget runs out): losses, samples, seconds."""
+        cfg, device = self.cfg, self.device
+        self.sampler.start_epoch(epoch)
+        self.model.train()
+        start, losses, samples = time.perf_counter(), [], 0
+        for _ in range(cfg.iterations_per_epoch):
+            image, label = self.sampler.batch()
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
+                loss = self.loss_fn(self.model(image), label)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.schedule.step(time.perf_counter() - self.session_start)
+            losses.append(float(loss.detach()))
+            samples += image.shape[0]
+            if time.perf_counter() - self.session_start >= self.budget_s:
+                break
+        return losses, samples, time.perf_counter() - start
+
+    def validate_and_save(self, epoch: int, row: dict[str, Any], last_epoch: bool) -> None:
+        """Validate when due (every ``val_every_epochs`` and at the end); keep ``model.pt`` the best so far."""
+        progress, path = self.progress, self.output_dir / "model.pt"
+        if not self.val_items:
+            _save_model(path, self.model, self.config, self.info, epoch, float("nan"))
+            return
+        if epoch % self.cfg.val_every_epochs != 0 and not last_epoch:
+            return
+        dice = validate(self.model, self.val_items, self.config, self.device)
+        row["val_dice_mean"] = float(np.nanmean(dice))
+        for name, value in zip(self.config.classes, dice, strict=True):
+            row[f"val_dice_{name}"] = float(value)
+        if row["val_dice_mean"] > progress.best:
+            progress.best, progress.best_epoch, progress.stale = row["val_dice_mean"], epoch, 0
+            _save_model(path, self.model, self.config, self.info, epoch, progress.best)
+        else:
+            progress.stale += 1
+
+    def epoch(self, epoch: int) -> None:
+        """Train, validate, save, log and checkpoint one epoch; decide whether the run is finished."""
+        cfg, progress = self.cfg, self.progress
+        losses, samples, seconds = self.train_epoch(epoch)
+        progress.epoch = epoch
+        progress.elapsed_s = time.perf_counter() - self.session_start
+        out_of_time = progress.elapsed_s >= self.budget_s
+        last_epoch = epoch >= cfg.epochs or out_of_time
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "learning_rate": self.schedule.lr,
+            "seconds_per_epoch": seconds,
+            "samples_per_second": samples / seconds,
+            "elapsed_minutes": progress.elapsed_s / 60.0,
+        }
+        self.validate_and_save(epoch, row, last_epoch)
+        early = cfg.early_stopping_patience is not None and progress.stale >= cfg.early_stopping_patience
+        progress.history.append(row)
+        progress.finished = last_epoch or early
+        self.stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        _save_last(
+            self.output_dir / "last.pt",
+            self.model,
+            self.config,
+            self.identity,
+            progress,
+            self.optimizer,
+            self.schedule,
+            self.scaler,
+        )
+        log.info(
+            "epoch %d/%s loss %.4f lr %.2e%s (%.1f s, %.1f samples/s)",
+            epoch,
+            cfg.epochs if cfg.epochs < UNBOUNDED_EPOCHS else "-",
+            row["train_loss"],
+            row["learning_rate"],
+            f" val Dice {row['val_dice_mean']:.3f}" if "val_dice_mean" in row else "",
+            seconds,
+            row["samples_per_second"],
+        )
+
+    def finish(self, artifacts: list[tuple[Path, str]]) -> None:
+        """``history.tsv``, the stop reason, the artifacts and the MLflow pytorch model."""
+        out, history = self.output_dir, self.progress.history
+        columns = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
+        write_tsv(out / "history.tsv", history, columns)
+        tracking.set_tags({"stopped_by": self.stopped})
+        own = [(out / "model.pt", "train"), (out / "config.yaml", "train"), (out / "history.tsv", "train")]
+        for path, folder in [*own, *artifacts]:
+            tracking.log_artifact(path, folder)
+        if self.cfg.log_model:
+            _log_mlflow_model(out / "model.pt", self.cfg.patch_size_vox)
+
+
+def _log_mlflow_model(checkpoint: Path, patch_size_vox: tuple[int, int, int]) -> None:
     """The best model as an MLflow pytorch model, with a one-patch input example and its output."""
-    assert config.train.patch_size_vox is not None
     model = load_checkpoint(checkpoint).network("cpu")
-    example = np.zeros((1, 1, *config.train.patch_size_vox), dtype=np.float32)
+    example = np.zeros((1, 1, *patch_size_vox), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.as_tensor(example)).numpy()
     tracking.log_pytorch_model(model, example, output)

@@ -30,10 +30,10 @@ def build_loss(config: TrainConfig, num_classes: int) -> torch.nn.Module:
         loss = _Focal(num_classes, config.focal_gamma, config.focal_alpha, config.ignore_index)
     else:
         loss = CrossEntropyLoss(weights, config.ignore_index)
-    return SupervisedLoss(loss)
+    return DeepSupervisionLoss(loss)
 
 
-class SupervisedLoss(torch.nn.Module):
+class DeepSupervisionLoss(torch.nn.Module):
     """Applies a loss to plain logits ``(B, C, ...)`` or to deep-supervision heads ``(B, H, C, ...)``."""
 
     def __init__(self, loss: torch.nn.Module) -> None:

@@ -16,11 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from medseg import tracking
 from medseg.config import Config
-from medseg.device import select_device
+from medseg.device import select_device, set_torch_threads
 from medseg.errors import ConfigError, ManifestError
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv
 from medseg.manifest import Entry, manifest_digest, read_manifest, select
@@ -97,7 +95,7 @@ def run(
         ConfigError: no usable plan, or a fold outside it.
     """
     device = select_device(config.train.device)
-    torch.set_num_threads(config.train.num_threads or threads)
+    threads = set_torch_threads(config.train.num_threads or threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     if plan_path is None:
         plan_path = output_dir / "plan.json"

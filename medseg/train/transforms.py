@@ -132,7 +132,7 @@ def train_transforms(
     neg = 1.0 - foreground_fraction
     return Compose(
         [
-            # replicate the edge, as sliding-window inference pads (infer.functional): a patch larger than the
+            # replicate the edge, as sliding-window inference pads (medseg.sliding_window): a patch larger than the
             # volume must look the same in training and at inference
             SpatialPadd(KEYS, spatial_size=patch_size, mode="edge"),
             RandCropByPosNegLabeld(

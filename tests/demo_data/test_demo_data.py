@@ -44,7 +44,8 @@ def test_dicom_is_ct_in_hounsfield_units_with_consistent_geometry(cohort: Path) 
     ds = pydicom.dcmread(cohort / "DEMO0000/dicom/IM0001.dcm")
     assert ds.Modality == "CT" and float(ds.RescaleIntercept) == -1024
     files = sorted((cohort / "DEMO0000/dicom").iterdir())
-    image, facts = read_series(files)
+    series = read_series(files)
+    image, facts = series.image, series.facts
     assert facts["source_spacing_mm"] == pytest.approx([1.6, 1.6, 2.5])
     assert -1100 < image.array.min() < -900  # air
     assert 100 < image.array.max() < 400  # contrast-enhanced organs
@@ -58,7 +59,7 @@ def test_dicom_is_ct_in_hounsfield_units_with_consistent_geometry(cohort: Path) 
 @pytest.mark.parametrize("patient", ["DEMO0001", "DEMO0002"])
 def test_oblique_and_flipped_series_match_their_labels(cohort: Path, patient: str) -> None:
     files = sorted((cohort / patient / "dicom").iterdir())
-    image, _ = read_series(files)
+    image = read_series(files).image
     label = read_volume(cohort / patient / "label.nii.gz", Label)
     assert same_grid(to_canonical(image), to_canonical(label), 1e-3)
     iop = np.array(pydicom.dcmread(files[0]).ImageOrientationPatient, float)

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from medseg.config import Config
-from medseg.infer.functional import (
+from medseg.infer.run import predict, run
+from medseg.io import read_volume, write_volume
+from medseg.models import load_model, save_checkpoint
+from medseg.networks import build_network
+from medseg.sliding_window import (
     WindowPredictor,
     auto_batch_size,
     mirroring,
@@ -18,10 +22,6 @@ from medseg.infer.functional import (
     to_original_grid_bounded,
     window_count,
 )
-from medseg.infer.run import predict, run
-from medseg.io import read_volume, write_volume
-from medseg.models import load_model, save_checkpoint
-from medseg.networks import build_network
 from medseg.volume import Image, Label
 
 
@@ -100,8 +100,8 @@ def test_predict_returns_labels_on_the_original_grid_and_bounded_equals_straight
     assert isinstance(label, Label) and label.array.dtype == np.uint8
     assert label.spatial_shape == scan.spatial_shape and np.allclose(label.affine, scan.affine)
     # The same prediction through the straightforward full-size resample.
-    from medseg.infer.functional import predict_probabilities
     from medseg.resample.functional import preprocess
+    from medseg.sliding_window import predict_probabilities
 
     probs = predict_probabilities(
         model, preprocess(scan, config.resample), (16, 16, 8), config.infer, torch.device("cpu")

@@ -37,7 +37,8 @@ def test_oblique_series_read_in_any_file_order_matches_written_volume(tmp_path):
     geometry = _geometry(row=(np.cos(angle), np.sin(angle), 0.0), col=(0.0, 0.0, -1.0), step=-3.0)
     hu = _hu()
     files = write_ct_series(hu, geometry, Identity("A^B", "123"), tmp_path, rescale_slope=0.5, rescale_intercept=-1024)
-    image, facts = read_series(list(reversed(files)))
+    series = read_series(list(reversed(files)))
+    image, facts = series.image, series.facts
     # A negative step reverses slice order: the reader sorts along the normal, so expect the flipped stack.
     np.testing.assert_allclose(image.array[0], hu[:, :, ::-1], atol=0.5)
     expected = geometry.ras_affine() @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 3], [0, 0, 0, 1]])
@@ -51,7 +52,7 @@ def test_spacing_comes_from_positions_not_slice_thickness(tmp_path):
         ds = pydicom.dcmread(path)
         ds.SliceThickness = "3"  # as in the TotalSegmentator export: thickness 3, step 2
         ds.save_as(path)
-    image, _ = read_series(files)
+    image = read_series(files).image
     assert image.spacing[2] == pytest.approx(2.0)
 
 
@@ -118,8 +119,8 @@ def test_multiframe_object_reads_like_its_single_frame_series(tmp_path):
     files = write_ct_series(_hu(shape=(5, 6, 4)), geometry, Identity("A^B", "1"), tmp_path / "single")
     path = tmp_path / "multi.dcm"
     _multiframe(files).save_as(path, enforce_file_format=True)
-    single, _ = read_series(files)
-    multi, _ = read_series([path])
+    single = read_series(files).image
+    multi = read_series([path]).image
     np.testing.assert_array_equal(multi.array, single.array)
     np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
 
@@ -135,7 +136,7 @@ def test_jpeg2000_lossless_series_decodes_to_the_uncompressed_values(tmp_path):
         ds.save_as(out)
         compressed.append(out)
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == JPEG2000Lossless
-    np.testing.assert_array_equal(read_series(compressed)[0].array, read_series(files)[0].array)
+    np.testing.assert_array_equal(read_series(compressed).image.array, read_series(files).image.array)
 
 
 def test_jpeg_lossless_series_decodes_to_the_uncompressed_values(tmp_path):
@@ -160,12 +161,12 @@ def test_jpeg_lossless_series_decodes_to_the_uncompressed_values(tmp_path):
         ds.save_as(out)
         compressed.append(out)
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID in (JPEGLosslessSV1, JPEGLossless)
-    np.testing.assert_array_equal(read_series(compressed)[0].array, read_series(files)[0].array)
+    np.testing.assert_array_equal(read_series(compressed).image.array, read_series(files).image.array)
 
 
 def test_real_oblique_series_matches_simpleitk(shared_data, tmp_path):
     files = sorted((shared_data / "dicom" / "rtstruct_rtutils" / "oriented_data").glob("*.dcm"))
-    image, _ = read_series(files)
+    image = read_series(files).image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     reference = reader.Execute()
@@ -221,7 +222,8 @@ def test_files_without_dcm_suffix_read(tmp_path, shared_data):
     source = shared_data / "dicom" / "ct_dicom_seg_dcmqi" / "ct-3slice"
     for i, path in enumerate(sorted(source.iterdir())):
         shutil.copy(path, tmp_path / f"IM{i}")
-    image, facts = read_series(sorted(tmp_path.iterdir()))
+    series = read_series(sorted(tmp_path.iterdir()))
+    image, facts = series.image, series.facts
     assert image.spatial_shape == (512, 512, 3)
     assert facts["modality"] == "CT"
 
@@ -253,25 +255,25 @@ def test_compressed_series_decode_through_gdcm_equals_pydicom(shared_data, monke
     calls = []
     real = dicom._gdcm_rescaled
     monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: calls.append(1) or real(frame))
-    through_gdcm = dicom.load_series(files).image
+    through_gdcm = dicom.read_series(files).image
     assert len(calls) == len(files)  # every slice, in the reading threads
     assert through_gdcm.array.dtype == np.int16  # slope 1, intercept -1024, 12 bits: exact in int16
 
     monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: None)  # GDCM unavailable: pydicom decodes all
-    np.testing.assert_array_equal(dicom.load_series(files).image.array, through_gdcm.array)
+    np.testing.assert_array_equal(dicom.read_series(files).image.array, through_gdcm.array)
 
     # GDCM disagreeing with pydicom on the first slice: the whole series goes through pydicom
     monkeypatch.setattr(dicom, "_gdcm_rescaled", lambda frame: real(frame) + 1)
-    np.testing.assert_array_equal(dicom.load_series(files).image.array, through_gdcm.array)
+    np.testing.assert_array_equal(dicom.read_series(files).image.array, through_gdcm.array)
 
 
 def test_volume_is_int16_only_when_that_is_exact(tmp_path):
     hu = _hu(shape=(8, 8, 3))
-    exact = read_series(write_ct_series(hu, _geometry(), Identity("A^B", "1"), tmp_path / "a"))[0]
+    exact = read_series(write_ct_series(hu, _geometry(), Identity("A^B", "1"), tmp_path / "a")).image
     assert exact.array.dtype == np.int16  # signed 16-bit storage, intercept -1024: checked on the values
     wide = write_ct_series(hu + 40000, _geometry(), Identity("A^B", "1"), tmp_path / "w", rescale_intercept=39000)
-    assert read_series(wide)[0].array.dtype == np.int32
+    assert read_series(wide).image.array.dtype == np.int32
     halves = write_ct_series(hu, _geometry(), Identity("A^B", "1"), tmp_path / "b", rescale_slope=0.5)
-    scaled = read_series(halves)[0]
+    scaled = read_series(halves).image
     assert scaled.array.dtype == np.float32
     np.testing.assert_array_equal(scaled.array, exact.array.astype(np.float32))

@@ -13,6 +13,7 @@ from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.io import read_volume, write_tsv, write_volume
 from medseg.manifest import MANIFEST_COLUMNS
+from medseg.postprocess.decision import decide, dice_per_class
 from medseg.postprocess.functional import (
     ClassRule,
     apply_rules,
@@ -21,7 +22,6 @@ from medseg.postprocess.functional import (
     keep_largest_components,
     remove_small_components,
 )
-from medseg.postprocess.plan import decide, dice_per_class
 from medseg.volume import Label
 
 SPACING = np.diag([0.5, 2.0, 1.0, 1.0])  # 1 mm3 voxels, anisotropic
@@ -131,7 +131,7 @@ def test_postprocess_plan_and_apply_from_the_cli(tmp_path: Path) -> None:
     config = ["--config", str(tmp_path / "config.yaml")]
     plan_file = tmp_path / "plan.json"
     inputs = ["--manifest", str(tmp_path / "manifest.tsv"), "--predictions", str(tmp_path / "pred")]
-    rc = main(["postprocess-plan", *config, *inputs, "--output", str(plan_file)])
+    rc = main(["postprocess-decide", *config, *inputs, "--output", str(plan_file)])
     assert rc == 0
     decision = json.loads(plan_file.read_text())
     assert decision["keep_largest"] == ["organ_a"] and decision["n_cases"] == 3
@@ -141,6 +141,6 @@ def test_postprocess_plan_and_apply_from_the_cli(tmp_path: Path) -> None:
     assert main(["postprocess", *config, "--input", str(tmp_path / "pred" / "p0.nii.gz"), "--output", str(out)]) == 0
     assert read_volume(out, Label).array[0, 14, 7, 7] == 1  # without the plan the speck stays
     args = ["postprocess", *config, "--input", str(tmp_path / "pred" / "p0.nii.gz"), "--output", str(out)]
-    assert main([*args, "--plan", str(plan_file)]) == 0
+    assert main([*args, "--decision", str(plan_file)]) == 0
     cleaned = read_volume(out, Label).array[0]
     assert cleaned[14, 7, 7] == 0 and np.count_nonzero(cleaned == 2) == 100

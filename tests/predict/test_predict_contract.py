@@ -15,7 +15,7 @@ from predict_helpers import CLASSES, make_mr, save_checkpoint, tiny_config, writ
 from medseg import cli
 from medseg.contract import check, check_intensity, check_modality, check_spacing
 from medseg.io import read_json, read_tsv
-from medseg.predict.qc import render_qc
+from medseg.qc import render_qc
 from medseg.volume import Image, Label
 
 # write_series' grid in RAS canonical order: x 2.5 mm (the slice step), y 1.2 mm, z 1.5 mm.

@@ -10,7 +10,7 @@ import pytest
 from medseg.errors import GeometryError
 from medseg.io import to_canonical
 from medseg.predict.functional import class_volumes_ml, frames_to_label, from_canonical, label_to_frames
-from medseg.predict.qc import pick_slices
+from medseg.qc import pick_slices
 from medseg.volume import Label
 
 

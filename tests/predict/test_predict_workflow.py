@@ -28,7 +28,7 @@ def test_targets_and_records(tmp_path: Path) -> None:
     )
     assert wf.predict_targets() == [str(tmp_path / "predict" / "summary.tsv")]
     assert wf.predict_model_inputs() == []  # an MLflow run id is not a file Snakemake can wait for
-    write_tsv(wf.predict_plan, [{"series_id": "PA_1"}, {"series_id": "PB_2"}], PLAN_COLUMNS)
+    write_tsv(wf.predict_series_list, [{"series_id": "PA_1"}, {"series_id": "PB_2"}], PLAN_COLUMNS)
     assert wf.predict_records() == [str(tmp_path / "predict" / "records" / f"{s}.json") for s in ("PA_1", "PB_2")]
 
 
@@ -58,4 +58,4 @@ def test_dry_run_plans_predict_all(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr + done.stdout
-    assert "predict_plan" in done.stdout and "predict_all" in done.stdout
+    assert "predict_series_list" in done.stdout and "predict_all" in done.stdout

@@ -10,7 +10,7 @@ import torch
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
 from scipy import ndimage
 
-from medseg.evaluate.metrics import class_metrics, label_metrics, overlap
+from medseg.metrics import class_metrics, label_metrics, overlap
 
 SPACINGS = [(0.7, 1.3, 3.0), (2.5, 0.8, 0.8), (1.0, 1.0, 1.0)]
 
@@ -164,7 +164,7 @@ def test_label_metrics_per_class_and_patient_by_hand() -> None:
 def test_distances_exact_through_every_path(monkeypatch: pytest.MonkeyPatch, margin_mm: float) -> None:
     """A distant false-positive speck and an internal hole; a small search bound sends points down both
     fallbacks (distance transform inside the targets' box, unbounded tree outside), a large one none."""
-    import medseg.evaluate.metrics as metrics
+    import medseg.metrics as metrics
 
     monkeypatch.setattr(metrics, "MARGIN_MM", margin_mm)
     spacing = (0.9, 1.4, 2.2)

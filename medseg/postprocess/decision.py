@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.evaluate.metrics import overlap
+from medseg.metrics import overlap
 from medseg.postprocess.functional import ClassRule, apply_rules
 from medseg.volume import Label
 
@@ -93,7 +93,7 @@ def decide(candidates: Sequence[np.ndarray]) -> list[int]:
     return [c for c in range(1, stacked.shape[2] + 1) if _accepts(before, _means(stacked[:, c]))]
 
 
-def plan(
+def decide_keep_largest(
     cases: Callable[[], Iterable[tuple[str, Label, Label]]],
     rules: Mapping[int, ClassRule],
     class_names: Sequence[str],
@@ -108,7 +108,7 @@ def plan(
 
     Returns:
         The decision, JSON-able: per class whether keep-largest is applied and its mean Dice before and with it,
-        the mean foreground Dice before and after the whole plan, the rule, and the case count.
+        the mean foreground Dice before and after the whole decision, the rule, and the case count.
     """
     ids, candidates = [], []
     for patient_id, pred, ref in cases():
