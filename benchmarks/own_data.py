@@ -1,6 +1,7 @@
 """A team's own data, first try: the README's "Your own data" config on an MSD folder, through the real workflow.
 
     python benchmarks/own_data.py --raw-dir ../shared/data/hippocampus --minutes 15 [--workdir DIR] [--cores 8]
+    python benchmarks/own_data.py --raw-dir ../shared/data/hippocampus --minutes 15 --folds 5   # same total budget
 
 Writes ``my.yaml`` with only the keys a new user writes (dataset, classes, demo off, the input folder, the
 resample spacing and normalisation, ``train.max_minutes``), runs ``snakemake --cores N --configfile my.yaml`` in
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=8)
     parser.add_argument("--classes", default="anterior,posterior")
     parser.add_argument("--dataset", default="hippocampus")
+    parser.add_argument(
+        "--folds", type=int, default=None, help="train.folds: an ensemble, each fold given minutes / folds"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     my = {
@@ -47,6 +51,8 @@ def main() -> None:
         "resample": {"target_spacing_mm": [1, 1, 1], "normalization": "zscore"},
         "train": {"max_minutes": args.minutes},
     }
+    if args.folds:
+        my["train"] = {"max_minutes": round(args.minutes / args.folds, 3), "folds": args.folds}
     (args.workdir / "my.yaml").write_text(yaml.safe_dump(my, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(args.workdir)]
@@ -71,6 +77,7 @@ def main() -> None:
         "train_s": round(train_s, 1),
         "outside_training_s": round(wall - train_s, 1),
         "epochs": len(history) - 1,
+        "folds": args.folds,
         "n_test": summary["n_patients"],
         "mean_test_dice": summary["mean_foreground_dice"],
         "test_dice_per_class": {c: v["dice"]["mean"] for c, v in summary["per_class"].items()},

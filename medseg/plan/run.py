@@ -76,6 +76,21 @@ def load_plan(path: Path) -> Plan:
         raise ConfigError(f"{path} is not a medseg plan ({err})") from err
 
 
+def load_resample_section(path: Path) -> ResampleConfig:
+    """The effective ``resample`` section of ``plan.json`` (all that resampling needs of the plan).
+
+    Raises:
+        ConfigError: missing, or holding no valid resample section.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"plan {path} does not exist: run `medseg plan` first")
+    try:
+        return ResampleConfig.model_validate(read_json(path)["resample"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} holds no valid resample section ({err})") from err
+
+
 def assign_folds(entries: list[Entry], folds: int, seed: int) -> dict[str, int]:
     """Patient id -> fold, ``0 .. folds - 1``, by subject (all studies of a person in one fold), seeded."""
     subjects = sorted({e.subject_id for e in entries})
@@ -128,16 +143,10 @@ def make(config: Config, entries: list[Entry], device_type: str, threads: int = 
 
 
 def run(config: Config, manifest_path: Path, output_path: Path, threads: int = 1) -> Plan:
-    """`medseg plan`: write the plan of the manifest's train and val patients to ``output_path``.
-
-    The file is rewritten only when its content changes, so that an unchanged plan never makes the workflow redo
-    resample or training.
-    """
+    """`medseg plan`: write the plan of the manifest's train and val patients to ``output_path``."""
     device_type = select_device(config.train.device).type
     plan = make(config, read_manifest(manifest_path), device_type, threads)
-    data = plan.model_dump(mode="json")
-    if not (output_path.exists() and read_json(output_path) == data):
-        write_json(output_path, data)
+    write_json(output_path, plan.model_dump(mode="json"))
     t, r = plan.train, plan.resample
     log.info(
         "plan for %d case(s) on %s: spacing %s mm, %s normalisation, %s %s, patch %s, batch %d, %s epoch(s)%s",
