@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, load_config
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger("medseg")
 
@@ -38,9 +39,46 @@ def _demo_data(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def usable_folder(path: Path, option: str) -> None:
+    """Fail at once, before any work, where ``path`` cannot become a folder to write into.
+
+    Raises:
+        ConfigError: ``path`` or a folder above it is an existing file, or the nearest existing folder is not
+            writable; the message names the option and the path.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is an existing file, not a folder: name a folder (created if missing)")
+    _writable_parent(path, option)
+
+
+def usable_file(path: Path, option: str) -> None:
+    """Fail at once, before any work, where the file ``path`` cannot be written.
+
+    Raises:
+        ConfigError: ``path`` is a folder, a folder above it is a file, or the nearest existing folder is not
+            writable.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder, not a file: name the file to write")
+    _writable_parent(path.parent, option, named=path)
+
+
+def _writable_parent(path: Path, option: str, named: Path | None = None) -> None:
+    named = named or path
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {named}: {parent} is an existing file, so nothing can be written below it")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {named}: the folder {parent} is not writable")
+            return
+
+
 def _ingest(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.ingest.run import run
 
+    usable_folder(Path(args.output), "--output")
+    usable_file(Path(args.manifest), "--manifest")
     result = run(cfg, Path(args.input), Path(args.output), Path(args.manifest), track=_track)
     log.info(
         "ingested %d case(s), skipped %d; manifest %s, failures report %s",
@@ -76,15 +114,6 @@ def _shard_record(path: str | None, patients: Sequence[str], failures: list[dict
         write_json(path, {"patients": list(patients), "failures": failures, **extra})
 
 
-def _planned(cfg: Config, plan: str | None) -> Config:
-    """The config with the plan's effective resample and train sections."""
-    if plan is None:
-        return cfg
-    from medseg.plan.run import load_plan
-
-    return load_plan(Path(plan)).apply(cfg)
-
-
 def _resample(cfg: Config, args: argparse.Namespace) -> int:
     import torch
 
@@ -95,7 +124,11 @@ def _resample(cfg: Config, args: argparse.Namespace) -> int:
 
     args.threads = min(args.threads, usable_cores())
     wanted = _entries(args.manifest, args.patient_id)
-    failures = run_many(_planned(cfg, args.plan), wanted, Path(args.output_dir), args.threads, track=_track)
+    if args.plan:
+        from medseg.plan.run import load_resample_section
+
+        cfg = cfg.model_copy(update={"resample": load_resample_section(Path(args.plan))})
+    failures = run_many(cfg, wanted, Path(args.output_dir), args.threads, track=_track)
     if failures:
         log.error("%d of %d patient(s) could not be resampled", len(failures), len(wanted))
         return EXIT_ERROR
@@ -213,6 +246,7 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> int:
 def _predict(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.predict.run import run, write_series_list
 
+    usable_folder(Path(args.output), "--output")
     if args.list_series:
         jobs = write_series_list(cfg, Path(args.input), Path(args.output))
         log.info("%d eligible series listed in %s", len(jobs), Path(args.output) / "series.tsv")
@@ -296,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("resample", _resample, "resample and normalise patients onto the plan's target spacing")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--plan", default=None, help="plan.json of `medseg plan` (needed unless the config sets it all)")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="plan.json of `medseg plan` (needed unless the config sets target spacing and normalisation)",
+    )
     p.add_argument("--patient-id", nargs="+", default=None, help="these patients (default: every one in the manifest)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--threads", type=int, default=1, help="patients resampled at a time")
@@ -359,9 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder of DICOM series (any layout) and/or NIfTI files")
     p.add_argument("--output", required=True)
     p.add_argument("--series-id", action="append", default=None, help="only this series (repeatable)")
-    p.add_argument(
-        "--list-series", action="store_true", help="only list the eligible series into <output>/series.tsv"
-    )
+    p.add_argument("--list-series", action="store_true", help="only list the eligible series into <output>/series.tsv")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some series failed or were skipped")
     p.add_argument(
@@ -399,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(cfg, args)
     except MedsegError as err:
         log.error("%s", err)
+        return EXIT_ERROR
+    except Exception as err:  # a bug or an input no boundary foresaw: one line here, the traceback with -v
+        # Only the type at ERROR: an unforeseen message may hold a source path, which may name a patient.
+        log.debug("traceback", exc_info=True)
+        log.error("stopped by an unexpected %s (run with -v for the message and traceback)", type(err).__name__)
         return EXIT_ERROR
 
 

@@ -84,6 +84,12 @@ class IngestConfig(_Section):
         None,
         description="modality (CT, MR, ...) of NIfTI/NRRD inputs that do not say (MSD folders say it in dataset.json)",
     )
+    max_image_mb: float = Field(
+        4096.0,
+        gt=0,
+        description="largest image read (declared shape x bytes per voxel, MiB), checked from the headers before "
+        "any pixel is allocated; ingest and predict refuse larger ones",
+    )
 
 
 Normalization = Literal["ct", "zscore", "window"]

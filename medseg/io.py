@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import nibabel as nib
 import numpy as np
 
-from medseg.errors import ImageReadError
-from medseg.volume import Image, Label, Volume
+from medseg.errors import GeometryError, ImageReadError, safe_text
+from medseg.volume import Image, Label, Volume, check_affine
 
 V = TypeVar("V", bound=Volume)
+
+DEFAULT_MAX_IMAGE_MB = 4096.0  # ``ingest.max_image_mb``: larger declared images are refused before allocating
 
 
 @contextlib.contextmanager
@@ -41,8 +43,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically; undecodable file name bytes in it become U+FFFD (:func:`safe_text`)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(safe_text(text), encoding="utf-8")
     return Path(path)
 
 
@@ -65,8 +68,9 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_tsv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
-    """Write rows as a tab-separated table with a header; missing values become empty cells."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    """Write rows as a tab-separated UTF-8 table with a header; missing values become empty cells, undecodable
+    file name bytes U+FFFD (:func:`safe_text`)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns), delimiter="\t", extrasaction="raise")
         writer.writeheader()
         for row in rows:
@@ -79,34 +83,48 @@ def _tsv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, float):
         return "nan" if np.isnan(value) else f"{value:.6g}"
+    if isinstance(value, str | Path):
+        return safe_text(str(value))
     return value
 
 
 def read_tsv(path: str | Path) -> list[dict[str, str]]:
-    with Path(path).open(newline="") as fh:
+    with Path(path).open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def read_volume(path: str | Path, kind: type[V]) -> V:
+def read_volume(path: str | Path, kind: type[V], max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> V:
     """Read a NIfTI (or anything nibabel reads), NRRD or MetaImage as an :class:`Image` or :class:`Label`.
+
+    The shape and data type the header declares are checked against ``max_image_mb`` before any voxel is read, and
+    the affine must be finite and invertible (:func:`medseg.volume.check_affine`).
 
     Args:
         path: the file.
         kind: ``Image`` (float32) or ``Label`` (uint8 or int16 class indices).
+        max_image_mb: largest image (declared shape x bytes per voxel) read, in MiB.
 
     Returns:
         The volume, channel-first ``(C, X, Y, Z)``, in the file's own orientation.
 
     Raises:
-        ImageReadError: the file is missing, unreadable, or a label holds non-integer values.
+        ImageReadError: the file is missing, unreadable, declares an image over ``max_image_mb``, or a label holds
+            non-integer values.
+        GeometryError: the affine is singular or not finite.
     """
     path = Path(path)
     try:
         if path.name.lower().endswith(ITK_SUFFIXES):
-            data, affine = _read_itk(path)
+            data, affine = _read_itk(path, max_image_mb)
         else:
             img = nib.load(str(path))
-            data, affine = np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+            dtype = np.dtype(img.header.get_data_dtype())
+            _check_declared_size(path, img.header.get_data_shape(), dtype.itemsize, dtype.name, max_image_mb)
+            affine = np.asarray(img.affine, dtype=np.float64)
+            check_affine(affine, path.name)
+            data = np.asarray(img.dataobj)
+    except (ImageReadError, GeometryError):
+        raise
     except Exception as err:  # nibabel and SimpleITK raise many types for corrupt files
         raise ImageReadError(f"{path}: cannot read as an image ({type(err).__name__}: {err})") from err
     if data.ndim == 3:
@@ -130,20 +148,44 @@ def read_volume(path: str | Path, kind: type[V]) -> V:
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_declared_size(path: Path, shape: Sequence[int], itemsize: int, type_name: str, max_image_mb: float) -> None:
+    """Refuse a header whose shape x bytes per value exceeds ``max_image_mb`` MiB, before anything is allocated."""
+    dims = [int(n) for n in shape]
+    if any(n < 0 for n in dims):
+        raise ImageReadError(f"{path.name}: the header declares a negative size {dims}")
+    declared = 1
+    for n in dims:
+        declared *= n  # Python integers: a hostile header cannot overflow the product
+    declared *= itemsize
+    if declared > max_image_mb * 2**20:
+        raise ImageReadError(
+            f"{path.name}: the header declares {dims} voxels of {type_name} ({declared / 2**20:.0f} MiB), over "
+            f"ingest.max_image_mb={max_image_mb:g}: not read (raise the limit if the image is real)"
+        )
+
+
+def _read_itk(path: Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, np.ndarray]:
     """NRRD and MetaImage through SimpleITK (nibabel reads neither): ``(array (X, Y, Z[, C]), RAS affine)``."""
     import SimpleITK as sitk  # noqa: N813 (its usual name); imported here so NIfTI-only users never load it
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's warnings print the path, which may name a patient
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3:
-        raise ImageReadError(f"{path}: expected a 3D volume, got {image.GetDimension()} dimensions")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3:
+        raise ImageReadError(f"{path}: expected a 3D volume, got {reader.GetDimension()} dimensions")
+    shape = [*reader.GetSize(), reader.GetNumberOfComponents()]
+    # 8 bytes per value, the widest pixel type: an upper bound that needs no table of ITK's pixel types
+    _check_declared_size(path, shape, 8, "up to 8 bytes", max_image_mb)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) * np.asarray(reader.GetSpacing())
+    lps[:3, 3] = reader.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS, NIfTI in RAS
+    check_affine(affine, path.name)
+    image = reader.Execute()
     data = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) in ITK's order
     data = np.moveaxis(data, (0, 1, 2), (2, 1, 0))
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS, NIfTI in RAS
+    return data, affine
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
@@ -174,6 +216,7 @@ def to_canonical(volume: V) -> V:
 
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_MB",
     "Image",
     "Label",
     "atomic_path",

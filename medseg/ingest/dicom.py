@@ -16,6 +16,7 @@ float32. Otherwise it is float32 in real-world units (int32 where whole values d
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,15 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from medseg.errors import GeometryError, ImageReadError
+from medseg.io import DEFAULT_MAX_IMAGE_MB
 from medseg.volume import Image
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -49,29 +56,97 @@ class Frame:
 
 
 def _floats(value: Any, n: int, what: str) -> np.ndarray:
+    """``n`` finite numbers of a DICOM value; a geometry value that is not is refused, never guessed."""
     if value is None:
         raise ImageReadError(f"missing {what}")
-    array = np.asarray([float(v) for v in value], dtype=np.float64)
+    try:
+        values = value if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str) else [value]
+        array = np.asarray([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ImageReadError(f"{what} is not a list of numbers ({err})") from err
     if array.shape != (n,):
         raise ImageReadError(f"{what} should hold {n} numbers, holds {array.size}")
+    if not np.isfinite(array).all():
+        raise GeometryError(f"{what} holds a NaN or Inf value ({array.tolist()})")
     return array
 
 
-def frames_of(ds: Dataset) -> list[Frame]:
-    """The frames of one DICOM object: itself for a classic single-frame file, each frame of a multi-frame one."""
+def _spacing(value: Any) -> tuple[float, float]:
+    spacing = _floats(value, 2, "PixelSpacing")
+    if (spacing <= 0).any():
+        raise GeometryError(f"PixelSpacing must be positive, is {spacing.tolist()} mm")
+    return float(spacing[0]), float(spacing[1])
+
+
+def _orientation(value: Any) -> np.ndarray:
+    """Six direction cosines: two unit vectors at right angles (within 0.01), else refused."""
+    cosines = _floats(value, 6, "ImageOrientationPatient")
+    row, col = cosines[:3], cosines[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01 or abs(row @ col) > 0.01:
+        raise GeometryError(
+            f"ImageOrientationPatient {cosines.tolist()} is not two unit vectors at right angles: "
+            "the slices cannot be placed in space"
+        )
+    return cosines
+
+
+def _rescale(value: Any, default: float, what: str) -> float:
+    number = float(value) if value not in (None, "") else default
+    if not np.isfinite(number):
+        raise ImageReadError(f"{what} is {number}: the pixel values cannot be rescaled")
+    return number
+
+
+def check_image_header(ds: Dataset, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[int, int]:
+    """Check what an image object declares before any pixel is allocated; returns ``(rows, columns)``.
+
+    Args:
+        ds: the object's header (pixel data may be absent).
+        max_image_mb: ceiling in MiB on Rows x Columns x frames x samples x bytes per sample.
+
+    Raises:
+        ImageReadError: Rows or Columns missing or not positive, more than one sample per pixel (colour), or a
+            declared size over the ceiling.
+    """
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        if value in (None, "") or int(value) <= 0:
+            raise ImageReadError(f"{'missing' if value in (None, '') else 'not a positive'} {keyword}: not an image")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise ImageReadError(f"{samples} samples per pixel (colour); only grey images are supported")
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shape = (int(ds.Rows), int(ds.Columns))
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    declared = rows * columns * n_frames * samples * max(bits, 8) // 8
+    if declared > max_image_mb * 2**20:
+        raise ImageReadError(
+            f"declares {rows} x {columns} pixels x {n_frames} frame(s) of {bits} bits ({declared / 2**20:.0f} MiB), "
+            f"over ingest.max_image_mb={max_image_mb:g}: not read (raise the limit if the image is real)"
+        )
+    return rows, columns
+
+
+def frames_of(ds: Dataset, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> list[Frame]:
+    """The frames of one DICOM object: itself for a classic single-frame file, each frame of a multi-frame one.
+
+    Raises:
+        ImageReadError: see :func:`check_image_header`; a multi-frame object without per-frame geometry.
+        GeometryError: a pixel spacing that is not positive, a position or orientation that is not finite, or an
+            orientation that is not two unit vectors at right angles.
+    """
+    shape = check_image_header(ds, max_image_mb)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1 and "ImagePositionPatient" in ds:
-        spacing = _floats(ds.get("PixelSpacing"), 2, "PixelSpacing")
         return [
             Frame(
                 ds,
                 None,
                 _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-                _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-                (float(spacing[0]), float(spacing[1])),
-                float(ds.get("RescaleSlope", 1) or 1),
-                float(ds.get("RescaleIntercept", 0) or 0),
+                _orientation(ds.get("ImageOrientationPatient")),
+                _spacing(ds.get("PixelSpacing")),
+                _rescale(ds.get("RescaleSlope"), 1.0, "RescaleSlope") or 1.0,
+                _rescale(ds.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
                 shape,
             )
         ]
@@ -88,19 +163,20 @@ def frames_of(ds: Dataset) -> list[Frame]:
                 raise ImageReadError(f"multi-frame object lacks {name} for frame {number}")
             return seq[0]
 
-        spacing = _floats(item("PixelMeasuresSequence").get("PixelSpacing"), 2, "PixelSpacing")
+        spacing = _spacing(item("PixelMeasuresSequence").get("PixelSpacing"))
         try:
             rescale = item("PixelValueTransformationSequence")
-            slope, intercept = float(rescale.get("RescaleSlope", 1)), float(rescale.get("RescaleIntercept", 0))
         except ImageReadError:
-            slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+            rescale = ds
+        slope = _rescale(rescale.get("RescaleSlope"), 1.0, "RescaleSlope") or 1.0
+        intercept = _rescale(rescale.get("RescaleIntercept"), 0.0, "RescaleIntercept")
         frames.append(
             Frame(
                 ds,
                 i,
                 _floats(item("PlanePositionSequence").get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-                _floats(item("PlaneOrientationSequence").get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-                (float(spacing[0]), float(spacing[1])),
+                _orientation(item("PlaneOrientationSequence").get("ImageOrientationPatient")),
+                spacing,
                 slope,
                 intercept,
                 shape,
@@ -192,15 +268,17 @@ class SeriesVolume:
     sop_instance_uids: list[str]
 
 
-def _read_file(path: str | Path) -> list[Frame]:
+def _read_file(path: str | Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> list[Frame]:
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:
-        raise ImageReadError(f"{Path(path).name}: not a readable DICOM file ({err})") from err
+        raise ImageReadError(f"{Path(path).name}: not a readable DICOM file ({type(err).__name__}: {err})") from err
     try:
-        return frames_of(ds)
+        return frames_of(ds, max_image_mb)
     except ImageReadError as err:
         raise ImageReadError(f"{Path(path).name}: {err}") from err
+    except GeometryError as err:
+        raise GeometryError(f"{Path(path).name}: {err}") from err
 
 
 UNCOMPRESSED_LITTLE_ENDIAN = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
@@ -261,14 +339,51 @@ def _name(frame: Frame) -> str:
     return Path(frame.dataset.filename or "?").name
 
 
+NATIVE_SYNTAXES = {*UNCOMPRESSED_LITTLE_ENDIAN, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+
+
+def check_pixel_data_length(ds: Dataset) -> None:
+    """Refuse native (uncompressed) pixel data shorter than Rows x Columns x frames x samples declares.
+
+    Raises:
+        ImageReadError: no PixelData, or fewer bytes than the header declares (a truncated file, or a header that
+            claims a larger image than it holds).
+    """
+    if "PixelData" not in ds:
+        raise ImageReadError("no PixelData: not an image")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax not in NATIVE_SYNTAXES:
+        return  # encapsulated: the decoder checks each fragment
+    n_values = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+    n_values *= int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    expected = (n_values + 7) // 8 if bits == 1 else n_values * (bits // 8)
+    held = len(ds.PixelData)
+    if held < expected:
+        raise ImageReadError(
+            f"PixelData holds {held} bytes where {ds.Rows} x {ds.Columns} pixels (x frames, samples) of {bits} bits "
+            f"need {expected}: a truncated file or a header that claims a larger image"
+        )
+
+
 def _stored_pixels(frame: Frame) -> np.ndarray:
     """The frame's stored values, through our uncompressed fast path or pydicom's decoders."""
+    try:
+        check_pixel_data_length(frame.dataset)
+    except ImageReadError as err:
+        raise ImageReadError(f"{_name(frame)}: {err}") from err
     stored = _raw_pixels(frame.dataset, frame.shape) if frame.index is None else None
     if stored is None:
         try:
             stored = frame.dataset.pixel_array
         except Exception as err:  # decoder errors come in many types
-            raise ImageReadError(f"{_name(frame)}: cannot decode pixel data ({type(err).__name__}: {err})") from err
+            meta = getattr(frame.dataset, "file_meta", None)
+            syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+            named = f" of transfer syntax '{syntax.name}'" if syntax is not None else ""
+            raise ImageReadError(
+                f"{_name(frame)}: cannot decode pixel data{named} ({type(err).__name__}: {err})"
+            ) from err
         if frame.index is not None:
             stored = stored[frame.index]
     return stored
@@ -312,10 +427,12 @@ def _compressed(frame: Frame) -> bool:
     return frame.index is None and syntax is not None and syntax not in UNCOMPRESSED_LITTLE_ENDIAN
 
 
-def _read_and_decode(path: str | Path) -> tuple[list[Frame], np.ndarray | None]:
+def _read_and_decode(
+    path: str | Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+) -> tuple[list[Frame], np.ndarray | None]:
     """One file's frames (pydicom) and, for a compressed single-frame file, its pixels decoded by GDCM in the
     same worker thread, so that decoding overlaps the reading of other files."""
-    frames = _read_file(path)
+    frames = _read_file(path, max_image_mb)
     if len(frames) != 1 or not _compressed(frames[0]):
         return frames, None
     values = _gdcm_rescaled(frames[0])
@@ -348,7 +465,12 @@ def _fill_stack(ordered: Sequence[Frame], stack: np.ndarray, decoded: dict[int, 
             _decode_into(frame, stack[k])
 
 
-def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers: int | None = None) -> SeriesVolume:
+def read_series(
+    files: Sequence[str | Path],
+    tolerance_mm: float = 0.05,
+    workers: int | None = None,
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
+) -> SeriesVolume:
     """Read DICOM files of one series as a volume in RAS (not yet reoriented).
 
     Each file is read once by pydicom (header and pixel bytes together) in a thread pool, and a compressed
@@ -359,24 +481,34 @@ def read_series(files: Sequence[str | Path], tolerance_mm: float = 0.05, workers
         files: every file of the series, any order; classic single-frame or one multi-frame object.
         tolerance_mm: see :func:`stack_geometry`.
         workers: threads that read files; default ``min(4, CPU count)``.
+        max_image_mb: ceiling in MiB on each file's declared image and on the whole volume, checked from the
+            headers before any pixel buffer is allocated (``ingest.max_image_mb``).
 
     Returns:
         The volume, its LPS affine, the per-slice SOP instance UIDs and the acquisition facts.
 
     Raises:
-        ImageReadError: a file cannot be read or decoded.
-        GeometryError: the slices do not form a regular grid.
+        ImageReadError: a file cannot be read or decoded, is not an image (no Rows), declares more than
+            ``max_image_mb``, or holds less pixel data than it declares.
+        GeometryError: the slices do not form a regular grid, or a geometry value is zero, negative, NaN or Inf.
     """
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_read_and_decode, files))
+        results = list(pool.map(functools.partial(_read_and_decode, max_image_mb=max_image_mb), files))
     frames = [f for file_frames, _ in results for f in file_frames]
     decoded = {id(file_frames[0].dataset): values for file_frames, values in results if values is not None}
     ordered, lps_affine = stack_geometry(frames, tolerance_mm)
+    dtype = output_dtype(ordered)
+    declared = len(ordered) * ordered[0].shape[0] * ordered[0].shape[1] * max(dtype.itemsize, 4)
+    if declared > max_image_mb * 2**20:
+        raise ImageReadError(
+            f"the series declares {len(ordered)} slices of {list(ordered[0].shape)} pixels "
+            f"({declared / 2**20:.0f} MiB), over ingest.max_image_mb={max_image_mb:g}: not read"
+        )
     # Slices are stacked as (slice, row, column), each a contiguous block; the (1, X, Y, Z) volume is a transposed
     # view of it. Writing each slice into a Z-last array instead costs a strided pass over the whole volume per
     # slice (it was most of the reading time of an uncompressed series).
-    stack = np.empty((len(ordered), *ordered[0].shape), dtype=output_dtype(ordered))
+    stack = np.empty((len(ordered), *ordered[0].shape), dtype=dtype)
     # Compressed slices were decoded by GDCM in the reading threads (pylibjpeg holds the GIL; a process pool lost
     # more to pickling than it won); uncompressed ones are copied here (threads gain nothing on a memory copy).
     _fill_stack(ordered, stack, decoded)

@@ -16,6 +16,8 @@ Supported layouts, mixed freely:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,13 +25,26 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from medseg.config import SeriesRuleConfig
+from medseg.errors import one_line_reason
+
+log = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 LABEL_NAME = re.compile(r"(label|seg|mask)", re.IGNORECASE)
-IGNORED_NAMES = {"DICOMDIR", "LOCKFILE", "VERSION"}
+IGNORED_NAMES = {"DICOMDIR", "LOCKFILE", "VERSION", "LICENSE", "README", "COPYING", "NOTICE", "AUTHORS", "THUMBS.DB"}
 IGNORED_SUFFIXES = {".txt", ".md", ".json", ".csv", ".tsv", ".xml", ".html", ".pdf", ".png", ".jpg", ".zip"}
+# A file with one of these suffixes (or none, or a number as exports name files by UID) that is not DICOM is
+# listed as a failure; a file with any other suffix that is not DICOM is someone else's file and is ignored.
+DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".dic", ".dc3", ".ima"}
+# SOP classes that are documents, presentation states or plans, whatever Modality says: set aside, never stacked.
+NON_IMAGE_SOP_WORDS = (
+    "SR Storage", "Presentation State", "Key Object", "RT Plan", "RT Dose", "RT Beams", "RT Treatment",
+    "RT Ion", "Registration", "Encapsulated", "Raw Data", "Waveform", "Spectroscopy", "Surface", "Deformable",
+    "Real World Value", "Hanging Protocol", "Color Palette", "Measurement Report",
+)  # fmt: skip
 IDENTITY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs")
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 LABEL_MODALITIES = {"SEG", "RTSTRUCT"}
@@ -176,119 +191,225 @@ def _series_key(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
     return (str(path.parent), f"{ds.get('StudyInstanceUID', '')}#{ds.get('SeriesNumber', '')}")
 
 
+@dataclass
+class _Found:
+    """What the walk of an input folder collects before cases are put together."""
+
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the root, reason)
+    identity: set[str] = field(default_factory=set)
+    series: dict[tuple[str, str], Series] = field(default_factory=dict)
+    volumes: dict[str, dict[str, Path]] = field(default_factory=lambda: defaultdict(dict))
+    cases: dict[tuple[str, str], Case] = field(default_factory=dict)
+
+
 def discover(root: Path) -> Discovery:
     """Group every readable file below ``root`` into cases.
 
-    Unreadable DICOM-looking files become failures; files of other kinds (text, pictures) are ignored. A SEG or
-    RTSTRUCT object is attached to the case of the series it references; one whose series is not in the input
-    is a failure.
+    Three steps: walk the folder (MSD / nnU-Net dataset folders, NIfTI-like volumes, DICOM headers); attach each
+    SEG or RTSTRUCT object to the case of the series it references (one whose series is not in the input is a
+    failure); pair loose volumes into cases (a mask beside a DICOM series belongs to that series' study).
+
+    Each file is read inside its own boundary: any error becomes that file's failure (a one-line reason, paths
+    relative to ``root``) and the walk goes on. Failures, not silence: an empty file, a file named like DICOM
+    (``.dcm``, no suffix, a number) that is not DICOM, a link that leads nowhere, and a non-image object (SR,
+    presentation state, key object, plan, dose, registration, ...: :func:`not_an_image`), which is set aside
+    and never joins the image series whose UID it may share. Files of other kinds (text, pictures) are ignored.
     """
-    failures: list[tuple[str, str]] = []
-    identity: set[str] = set()
-    series: dict[tuple[str, str], Series] = {}
-    volumes: dict[str, dict[str, Path]] = defaultdict(dict)
-    cases: dict[tuple[str, str], Case] = {}
+    found = _walk(root)
+    _attach_label_objects(found, root)
+    _pair_volumes(found, root)
+    return Discovery(list(found.cases.values()), found.failures, found.identity)
+
+
+def _walk(root: Path) -> _Found:
+    found = _Found()
+    files = _files(root, found)
     dataset_folders = sorted(
         p.parent
-        for p in root.rglob("dataset.json")
-        if (p.parent / "imagesTr").is_dir() or (p.parent / "imagesTs").is_dir()
+        for p in files
+        if p.name == "dataset.json" and ((p.parent / "imagesTr").is_dir() or (p.parent / "imagesTs").is_dir())
     )
     for folder in dataset_folders:
-        folder_cases, folder_failures = _dataset_folder_cases(folder, root)
-        failures.extend(folder_failures)
+        try:
+            folder_cases, folder_failures = _dataset_folder_cases(folder, root)
+        except Exception as err:  # one unreadable dataset folder must not stop the walk
+            log.debug("a dataset folder could not be listed", exc_info=True)
+            found.failures.append((str(folder.relative_to(root)), one_line_reason(err, str(root))))
+            continue
+        found.failures.extend(folder_failures)
         for case in folder_cases:
-            identity.add(case.patient_key)
-            cases[(str(folder.relative_to(root)), case.patient_key)] = case
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            found.identity.add(case.patient_key)
+            found.cases[(str(folder.relative_to(root)), case.patient_key)] = case
+    for path in files:
         if any(folder in path.parents for folder in dataset_folders):
             continue
         rel = path.relative_to(root)
         top = rel.parts[0] if len(rel.parts) > 1 else None
-        if _is_volume_file(path):
-            key = top or re.sub(r"([_-]?(label|seg|mask).*)?\.(nii\.gz|nii|nrrd|mha|mhd)$", "", path.name, flags=re.I)
-            identity.add(key)
-            role = "label" if LABEL_NAME.search(path.name) else "image"
-            if role in volumes[key]:
-                failures.append((str(rel), f"a second {role} file for the same patient folder; only one is used"))
-                continue
-            volumes[key][role] = path
-            continue
-        if path.name.upper() in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES or path.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            continue  # not DICOM at all: not ours to judge
-        except Exception as err:
-            failures.append((str(rel), f"unreadable DICOM file ({type(err).__name__}: {err})"))
-            continue
-        if "SOPClassUID" not in ds:
-            failures.append((str(rel), "DICOM file without a SOP class (not an image or object)"))
-            continue
-        for tag in (*IDENTITY_TAGS, *UID_TAGS):
-            value = ds.get(tag)
-            if value not in (None, ""):
-                identity.add(str(value))
-        patient = str(ds.get("PatientID", "") or "").strip() or (top or "unknown")
-        identity.add(patient)
         if top:
-            identity.add(top)
-        # Each SEG/RTSTRUCT file is its own label object, even where several share a series.
-        is_label = str(ds.get("Modality", "")) in LABEL_MODALITIES
-        key = ("object", str(path)) if is_label else _series_key(ds, path)
-        if key not in series:
-            image_type = ds.get("ImageType") or ()
-            series[key] = Series(
-                patient_key=patient,
-                study_uid=str(ds.get("StudyInstanceUID", "")),
-                series_uid=str(ds.get("SeriesInstanceUID", "")),
-                modality=str(ds.get("Modality", "")),
-                description=str(ds.get("SeriesDescription", "")),
-                series_number=int(ds.get("SeriesNumber", 0) or 0),
-                image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
-            )
-        s = series[key]
-        s.files.append(path)
-        s.frames += int(ds.get("NumberOfFrames", 1) or 1)
-        if s.is_label_object:
-            referenced_series, referenced_instances = _references(ds)
-            s.referenced_series |= referenced_series
-            s.referenced_instances |= referenced_instances
-    label_objects = [s for s in series.values() if s.is_label_object]
-    for s in series.values():
+            found.identity.add(top)  # a folder name may be the patient's: redacted, even where its files are refused
+        ignored = (
+            path.name.upper() in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES or path.name.startswith(".")
+        )
+        if ignored and not _is_volume_file(path):
+            continue
+        # The boundary of one file: whatever goes wrong with it becomes its failure row, and the walk goes on.
+        try:
+            if path.stat().st_size == 0:
+                found.failures.append((str(rel), "empty file (0 bytes)"))
+            elif _is_volume_file(path):
+                _add_volume(found, path, rel, top)
+            else:
+                _add_dicom(found, path, rel, top)
+        except Exception as err:
+            log.debug("a file could not be read", exc_info=True)
+            found.failures.append((str(rel), one_line_reason(err, str(root))))
+    return found
+
+
+def _files(root: Path, found: _Found) -> list[Path]:
+    """Every regular file below ``root`` (symbolic links to files followed, to folders not), sorted.
+
+    A link that leads nowhere (broken, or a loop) and a folder that cannot be listed are failures, not silence.
+    """
+    files = []
+
+    def fail(path: Path, why: str, folder: bool = False) -> None:
+        rel = path.relative_to(root) if path.is_relative_to(root) else Path(".")
+        if len(rel.parts) > (0 if folder else 1):
+            found.identity.add(rel.parts[0])  # a top folder's name may be the patient's: redacted in the report
+        found.failures.append((str(rel), why))
+
+    def unlisted(err: OSError) -> None:
+        why = f"folder cannot be listed ({err.strerror or 'error'})"
+        fail(Path(err.filename) if err.filename else root, why, folder=True)
+
+    for folder, dirs, names in os.walk(root, onerror=unlisted):
+        dirs.sort()
+        for name in names:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.exists():  # exists() follows the link: False for broken or looping
+                fail(path, "a symbolic link that leads nowhere (broken or a loop)")
+            elif path.is_file():
+                files.append(path)
+    return sorted(files)
+
+
+def _add_volume(found: _Found, path: Path, rel: Path, top: str | None) -> None:
+    key = top or re.sub(r"([_-]?(label|seg|mask).*)?\.(nii\.gz|nii|nrrd|mha|mhd)$", "", path.name, flags=re.I)
+    found.identity.add(key)
+    role = "label" if LABEL_NAME.search(path.name) else "image"
+    if role in found.volumes[key]:
+        found.failures.append((str(rel), f"a second {role} file for the same patient folder; only one is used"))
+        return
+    found.volumes[key][role] = path
+
+
+def not_an_image(ds: pydicom.Dataset) -> str | None:
+    """Why a DICOM object that is not a label object (SEG, RTSTRUCT) is no image slice, or None if it is one.
+
+    Documents, presentation states, key object selections, plans, doses and registrations (by Modality or SOP
+    class), and any object of a non-image SOP class without Rows. An object of an image SOP class without Rows is
+    a broken slice, not a document: it stays in its series, which is then refused (never silently one slice short).
+    """
+    modality = str(ds.get("Modality", "") or "")
+    sop_class = UID(str(ds.get("SOPClassUID", "") or ""))
+    sop_name = sop_class.name if sop_class else "none"
+    why = f"not an image (SOP class {sop_name}, modality {modality or 'none'}): set aside"
+    if modality in NON_IMAGE_MODALITIES - LABEL_MODALITIES or any(w in sop_name for w in NON_IMAGE_SOP_WORDS):
+        return why
+    if "Rows" not in ds and "Image Storage" not in sop_name:
+        return why
+    return None
+
+
+def _add_dicom(found: _Found, path: Path, rel: Path, top: str | None) -> None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        suffix = path.suffix.lower()
+        if suffix in DICOM_SUFFIXES or suffix[1:].isdigit():
+            found.failures.append((str(rel), "not DICOM (no DICOM header), though named like a DICOM file"))
+        return  # any other name: someone else's file, not ours to judge
+    except Exception as err:
+        found.failures.append((str(rel), f"unreadable DICOM file ({type(err).__name__}: {err})"))
+        return
+    if "SOPClassUID" not in ds:
+        found.failures.append((str(rel), "DICOM file without a SOP class (not an image or object)"))
+        return
+    for tag in (*IDENTITY_TAGS, *UID_TAGS):
+        value = ds.get(tag)
+        if value not in (None, ""):
+            found.identity.add(str(value))
+    patient = str(ds.get("PatientID", "") or "").strip() or (top or "unknown")
+    found.identity.add(patient)
+    # Each SEG/RTSTRUCT file is its own label object, even where several share a series.
+    is_label = str(ds.get("Modality", "")) in LABEL_MODALITIES
+    if not is_label:
+        why = not_an_image(ds)
+        if why is not None:  # an SR or presentation state may share the image series' UID: never one of its slices
+            found.failures.append((str(rel), why))
+            return
+    # Everything that can fail on a hostile header is read before the series is touched.
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    references = _references(ds) if is_label else (set(), set())
+    key = ("object", str(path)) if is_label else _series_key(ds, path)
+    if key not in found.series:
+        image_type = ds.get("ImageType") or ()
+        found.series[key] = Series(
+            patient_key=patient,
+            study_uid=str(ds.get("StudyInstanceUID", "")),
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            modality=str(ds.get("Modality", "")),
+            description=str(ds.get("SeriesDescription", "")),
+            series_number=int(ds.get("SeriesNumber", 0) or 0),
+            image_type=tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)),
+        )
+    s = found.series[key]
+    s.files.append(path)
+    s.frames += frames
+    if s.is_label_object:
+        s.referenced_series |= references[0]
+        s.referenced_instances |= references[1]
+
+
+def _attach_label_objects(found: _Found, root: Path) -> None:
+    label_objects = [s for s in found.series.values() if s.is_label_object]
+    for s in found.series.values():
         if not s.is_label_object:
-            cases.setdefault((s.patient_key, s.study_uid), Case(s.patient_key, s.study_uid)).series.append(s)
+            found.cases.setdefault((s.patient_key, s.study_uid), Case(s.patient_key, s.study_uid)).series.append(s)
     # A SEG or RTSTRUCT belongs to the case holding the series it was drawn on, wherever it lies.
-    owner = {s.series_uid: case for case in cases.values() for s in case.series if s.series_uid}
+    owner = {s.series_uid: case for case in found.cases.values() for s in case.series if s.series_uid}
     for obj in label_objects:
         targets = {id(owner[uid]): owner[uid] for uid in obj.referenced_series if uid in owner}
         rel = str(obj.files[0].relative_to(root))
         if len(targets) == 1:
             next(iter(targets.values())).label_objects.append(obj)
         elif not obj.referenced_series:
-            failures.append(
+            found.failures.append(
                 (rel, f"{obj.modality} object names no referenced series: cannot tell which image it labels")
             )
         elif not targets:
-            failures.append((rel, f"{obj.modality} object references a series that is not in the input folder"))
+            found.failures.append((rel, f"{obj.modality} object references a series that is not in the input folder"))
         else:
-            failures.append((rel, f"{obj.modality} object references series of {len(targets)} different studies"))
+            found.failures.append((rel, f"{obj.modality} object references series of {len(targets)} different studies"))
+
+
+def _pair_volumes(found: _Found, root: Path) -> None:
     # A label beside a DICOM series in the same top-level folder belongs to that series' study.
     folder_cases: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for case_key, case in cases.items():
+    for case_key, case in found.cases.items():
         for s in case.series:
             rel_path = s.files[0].relative_to(root)
             if len(rel_path.parts) > 1:
                 folder_cases[rel_path.parts[0]].add(case_key)
-    for key, files in volumes.items():
+    for key, files in found.volumes.items():
         if "image" in files:
-            cases[(key, "")] = Case(key, "", nifti_image=files["image"], nifti_label=files.get("label"))
+            found.cases[(key, "")] = Case(key, "", nifti_image=files["image"], nifti_label=files.get("label"))
         elif len(folder_cases[key]) == 1:
-            cases[next(iter(folder_cases[key]))].nifti_label = files["label"]
+            found.cases[next(iter(folder_cases[key]))].nifti_label = files["label"]
         else:
             why = "a label without an image" if not folder_cases[key] else "a label beside several studies"
-            failures.append((str(files["label"].relative_to(root)), why))
-    return Discovery(list(cases.values()), failures, identity)
+            found.failures.append((str(files["label"].relative_to(root)), why))
 
 
 def rank_series(case: Case, rule: SeriesRuleConfig) -> tuple[list[Series], list[tuple[Series, str]]]:

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, safe_text
 from medseg.io import write_text
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def pseudonym(key: bytes, source_id: str) -> str:
     >>> pseudonym(b"0123456789abcdef", "12345")
     'PHAKLYNVAEM'
     """
-    digest = hmac.new(key, source_id.strip().encode(), hashlib.sha256).digest()
+    # surrogateescape: a folder name with bytes that are not UTF-8 gets its own stable id instead of an error
+    digest = hmac.new(key, source_id.strip().encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
     return "P" + base64.b32encode(digest).decode()[:10]
 
 
@@ -70,4 +71,4 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        return UID_SHAPE.sub(REDACTED, text)
+        return safe_text(UID_SHAPE.sub(REDACTED, text))

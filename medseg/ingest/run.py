@@ -4,6 +4,7 @@ a failures report out. One bad case never stops the batch."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +13,14 @@ from typing import Any
 import numpy as np
 
 from medseg.config import Config
-from medseg.errors import ConfigError, GeometryError, ImageReadError, MedsegError
+from medseg.errors import ConfigError, GeometryError, ImageReadError, one_line_reason
 from medseg.ingest.dicom import SeriesVolume, read_series
 from medseg.ingest.discover import Case, Series, discover, rank_series
 from medseg.ingest.labels import read_label_object
 from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
 from medseg.io import read_volume, to_canonical, write_json, write_text, write_tsv, write_volume
 from medseg.manifest import MANIFEST_COLUMNS, assign_splits
-from medseg.volume import Image, Label, describe_grid, same_grid
+from medseg.volume import Image, Label, check_image, describe_grid, same_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,11 @@ def load_case_image(
         ``(image, facts, volume, series)``: the chosen series read and as discovered (both None for a NIfTI/NRRD
         image).
     """
+    limit = config.ingest.max_image_mb
     if case.nifti_image is not None:
-        return read_volume(case.nifti_image, Image), {"source_format": _volume_format(case.nifti_image)}, None, None
+        image = read_volume(case.nifti_image, Image, limit)
+        check_image(image, case.nifti_image.name)
+        return image, {"source_format": _volume_format(case.nifti_image)}, None, None
     eligible, skipped = rank_series(case, config.ingest.series)
     for s, why in skipped:
         report.append({"patient_id": pid, "series": s.name(), "status": "skipped", "reason": why})
@@ -58,10 +62,13 @@ def load_case_image(
     errors = []
     for s in eligible:
         try:
-            series = read_series(s.files, config.ingest.slice_tolerance_mm)
-        except MedsegError as err:
-            errors.append(f"{s.name()}: {err}")
-            report.append({"patient_id": pid, "series": s.name(), "status": "refused", "reason": str(err)})
+            series = read_series(s.files, config.ingest.slice_tolerance_mm, max_image_mb=limit)
+            check_image(series.image, s.name())
+        except Exception as err:  # any error of one series refuses that series; the next eligible one is tried
+            log.debug("a series could not be read", exc_info=True)
+            reason = one_line_reason(err)
+            errors.append(f"{s.name()}: {reason}")
+            report.append({"patient_id": pid, "series": s.name(), "status": "refused", "reason": reason})
             continue
         if s.series_uid in referenced:
             why = "referenced by a label object (SEG/RTSTRUCT) of the study"
@@ -113,9 +120,11 @@ def load_case_label(
                 config.ingest.label_tolerance_mm,
                 config.ingest.label_overlap,
             )
-        except MedsegError as err:
-            report.append({"patient_id": pid, "series": name, "status": "refused", "reason": str(err)})
-            failures.append({"patient_id": pid, "source": obj.files[0].name, "reason": str(err)})
+        except Exception as err:  # any error of one label object refuses that object only
+            log.debug("a label object could not be read", exc_info=True)
+            reason = one_line_reason(err)
+            report.append({"patient_id": pid, "series": name, "status": "refused", "reason": reason})
+            failures.append({"patient_id": pid, "source": obj.files[0].name, "reason": reason})
             continue
         report.append({"patient_id": pid, "series": name, "status": "label", "reason": "labels the chosen series"})
         for other in case.label_objects:
@@ -125,7 +134,8 @@ def load_case_label(
                 report.append({"patient_id": pid, "series": other_name, "status": "skipped", "reason": reason})
         return label, facts
     if case.nifti_label is not None:
-        return read_volume(case.nifti_label, Label), {"label_source": _volume_format(case.nifti_label)}
+        label_file = read_volume(case.nifti_label, Label, config.ingest.max_image_mb)
+        return label_file, {"label_source": _volume_format(case.nifti_label)}
     return None, {}
 
 
@@ -174,6 +184,28 @@ def ingest_case(
     return row
 
 
+def case_source(case: Case, root: Path) -> str:
+    """The input a case was read from, relative to ``root``: its image file, or the folder holding its series
+    (identifying: redact it before it is written)."""
+    if case.nifti_image is not None:
+        return str(case.nifti_image.relative_to(root))
+    folders = [str(f.parent) for s in case.series for f in s.files]
+    if not folders:
+        return ""
+    common = Path(os.path.commonpath(folders))
+    return str(common.relative_to(root)) if common.is_relative_to(root) else ""
+
+
+def _remove_case_outputs(output_dir: Path, pid: str) -> None:
+    """Nothing of a refused case is left behind (an image written before its label was refused, say)."""
+    for path in (
+        output_dir / "images" / f"{pid}.nii.gz",
+        output_dir / "labels" / f"{pid}.nii.gz",
+        output_dir / "sidecars" / f"{pid}.json",
+    ):
+        path.unlink(missing_ok=True)
+
+
 def _redact_facts(facts: dict[str, Any], redact: Callable[[str], str]) -> dict[str, Any]:
     cleaned: dict[str, Any] = {}
     for key, value in facts.items():
@@ -216,12 +248,17 @@ def run(
         pid = subject if per_subject[case.patient_key] == 1 else f"{subject}-{seen[subject]}"
         id_map.append({"patient_id": pid, "source_patient_id": case.patient_key})
         n_failures = len(result.failures)
+        # The boundary of one case: whatever goes wrong becomes its failure row, its outputs are removed, and the
+        # batch goes on. The traceback goes to the debug log only.
         try:
             row = ingest_case(case, pid, config, output_dir, result.series_report, result.failures, redact)
-        except MedsegError as err:
-            message = redact(str(err))
+        except Exception as err:
+            log.debug("patient %s: traceback", pid, exc_info=True)
+            message = redact(one_line_reason(err, str(input_dir)))
             log.error("patient %s skipped: %s", pid, message)
-            result.failures.append({"patient_id": pid, "source": "", "reason": message})
+            source = redact(case_source(case, input_dir))
+            result.failures.append({"patient_id": pid, "source": source, "reason": message})
+            _remove_case_outputs(output_dir, pid)
             continue
         row["subject_id"] = subject
         result.rows.append(row)
@@ -229,12 +266,13 @@ def run(
         if refused:
             log.warning("patient %s: %d label object(s) refused, see failures.tsv", pid, refused)
         log.info("patient %s ingested%s", pid, " with a label" if row["label"] else "")
+    root = str(input_dir).rstrip("/") + "/"  # reports name inputs relative to the input folder
     for entry in result.series_report:
-        entry["reason"] = redact(entry["reason"])
+        entry["reason"] = redact(entry["reason"].replace(root, ""))
         entry["series"] = redact(entry["series"])
     for entry in result.failures:
         entry["source"] = redact(entry["source"])
-        entry["reason"] = redact(entry["reason"])
+        entry["reason"] = redact(entry["reason"].replace(root, ""))
     assign_splits(result.rows, config.ingest.split)
     write_tsv(manifest_path, result.rows, MANIFEST_COLUMNS)
     write_tsv(output_dir / "failures.tsv", result.failures, ["patient_id", "source", "reason"])

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,7 +48,7 @@ import numpy as np
 from medseg import contract as model_contract
 from medseg import tracking
 from medseg.config import Config
-from medseg.errors import ConfigError, GeometryError, MedsegError
+from medseg.errors import ConfigError, GeometryError, MedsegError, one_line_reason
 from medseg.ingest.dicom import read_series
 from medseg.ingest.discover import discover, rank_series
 from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
@@ -56,7 +57,7 @@ from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
 from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
 from medseg.qc import render_qc
-from medseg.volume import Image
+from medseg.volume import Image, check_image
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +329,16 @@ def _predict_and_commit(
     frames = None
     window = None
     if job.source_format == "dicom":
-        series = read_series(job.files, config.ingest.slice_tolerance_mm)
+        series = read_series(job.files, config.ingest.slice_tolerance_mm, max_image_mb=config.ingest.max_image_mb)
         source, facts = series.image, series.facts
         window = config.predict.qc_ct_window_hu if facts.get("modality") == "CT" else None
         frames, frames_affine = source_frames(job.files, config.ingest.slice_tolerance_mm)
         if not np.allclose(frames_affine, source.affine, atol=1e-4):
             raise GeometryError("the series' frames order differently on a second read; refusing to guess")
     else:
-        source = read_volume(job.files[0], Image)
+        source = read_volume(job.files[0], Image, config.ingest.max_image_mb)
+    # Several channels, NaN/Inf voxels or an unusable affine: refused with the reason, never an empty prediction.
+    check_image(source, "the series" if job.source_format == "dicom" else job.files[0].name)
     canonical = to_canonical(source)
     modality = job.modality if job.source_format == "dicom" else None
     verdict = model_contract.check(contract, modality, canonical.spacing, source.array, allow_any_modality)
@@ -377,6 +380,14 @@ def _predict_and_commit(
         if record is not None:
             write_json(stage.path(record_path(output_dir, job.stem)), {**record, **result, "status": "done"})
     return result
+
+
+def job_source(job: SeriesJob, root: Path) -> str:
+    """The input a series was read from, relative to ``root``: its file, or the folder holding its slices
+    (identifying: redact it before it is written)."""
+    folders = {str(f.parent) for f in job.files}
+    where = job.files[0] if job.source_format != "dicom" or len(job.files) == 1 else Path(os.path.commonpath(folders))
+    return str(where.relative_to(root)) if where.is_relative_to(root) else ""
 
 
 def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -489,10 +500,12 @@ def run(
             record.update(status="skipped", reason=reason)
             result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
             log.warning("series %s skipped: %s", job.series_id, reason)
-        except MedsegError as err:
-            reason = redact(str(err))
+        except Exception as err:  # the boundary of one series: any error fails it alone, the batch goes on
+            log.debug("series %s: traceback", job.series_id, exc_info=True)
+            reason = redact(one_line_reason(err, str(input_dir)))
             record.update(status="failed", reason=reason)
-            result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
+            source = redact(job_source(job, input_dir))
+            result.failures.append({"series_id": job.series_id, "source": source, "reason": reason})
             log.error("series %s failed: %s", job.series_id, reason)
         if record["status"] != "done":
             write_json(record_path(output_dir, job.stem), record)
