@@ -88,7 +88,7 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> int:
         Path(args.output) / "failures.tsv",
     )
     if not result.rows:
-        log.error("nothing could be ingested from %s", args.input)
+        log.error("nothing could be ingested from the input folder (see the failures report)")
         return EXIT_ERROR
     return EXIT_SKIPPED if result.failures and not args.skips_ok else 0
 

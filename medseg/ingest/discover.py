@@ -29,6 +29,7 @@ from pydicom.uid import UID
 
 from medseg.config import SeriesRuleConfig
 from medseg.errors import one_line_reason
+from medseg.ingest.pseudonym import Redactor, debug_traceback
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,9 @@ def discover(root: Path) -> Discovery:
 
 def _walk(root: Path) -> _Found:
     found = _Found()
+    # The input folder itself may be named after the patient (`--input /exports/Roe^Richard_MRN555`): its name and
+    # path are identity values from the start, redacted from every reason and source that quotes them.
+    found.identity.update({root.name, str(root), str(root.resolve())})
     files = _files(root, found)
     dataset_folders = sorted(
         p.parent
@@ -233,7 +237,7 @@ def _walk(root: Path) -> _Found:
         try:
             folder_cases, folder_failures = _dataset_folder_cases(folder, root)
         except Exception as err:  # one unreadable dataset folder must not stop the walk
-            log.debug("a dataset folder could not be listed", exc_info=True)
+            debug_traceback(log, "a dataset folder could not be listed", Redactor(found.identity))
             found.failures.append((str(folder.relative_to(root)), one_line_reason(err, str(root))))
             continue
         found.failures.extend(folder_failures)
@@ -261,7 +265,7 @@ def _walk(root: Path) -> _Found:
             else:
                 _add_dicom(found, path, rel, top)
         except Exception as err:
-            log.debug("a file could not be read", exc_info=True)
+            debug_traceback(log, "a file could not be read", Redactor(found.identity))
             found.failures.append((str(rel), one_line_reason(err, str(root))))
     return found
 

@@ -13,7 +13,8 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from medseg.errors import ConfigError, safe_text
@@ -48,6 +49,13 @@ def pseudonym(key: bytes, source_id: str) -> str:
     # surrogateescape: a folder name with bytes that are not UTF-8 gets its own stable id instead of an error
     digest = hmac.new(key, source_id.strip().encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
     return "P" + base64.b32encode(digest).decode()[:10]
+
+
+def debug_traceback(logger: logging.Logger, what: str, redact: Callable[[str], str]) -> None:
+    """Log the exception being handled at debug level, its traceback passed through ``redact``: an exception's
+    message may quote a source path, and a folder may be named after the patient."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s:\n%s", what, redact(traceback.format_exc()))
 
 
 class Redactor:

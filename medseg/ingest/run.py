@@ -17,7 +17,7 @@ from medseg.errors import ConfigError, GeometryError, ImageReadError, one_line_r
 from medseg.ingest.dicom import SeriesVolume, read_series
 from medseg.ingest.discover import Case, Series, discover, rank_series
 from medseg.ingest.labels import read_label_object
-from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
+from medseg.ingest.pseudonym import Redactor, debug_traceback, load_or_create_key, pseudonym
 from medseg.io import read_volume, to_canonical, write_json, write_text, write_tsv, write_volume
 from medseg.manifest import MANIFEST_COLUMNS, assign_splits
 from medseg.volume import Image, Label, check_image, describe_grid, same_grid
@@ -65,7 +65,7 @@ def load_case_image(
             series = read_series(s.files, config.ingest.slice_tolerance_mm, max_image_mb=limit)
             check_image(series.image, s.name())
         except Exception as err:  # any error of one series refuses that series; the next eligible one is tried
-            log.debug("a series could not be read", exc_info=True)
+            log.debug("a series could not be read: %s", type(err).__name__)  # the message goes to the report, redacted
             reason = one_line_reason(err)
             errors.append(f"{s.name()}: {reason}")
             report.append({"patient_id": pid, "series": s.name(), "status": "refused", "reason": reason})
@@ -121,7 +121,7 @@ def load_case_label(
                 config.ingest.label_overlap,
             )
         except Exception as err:  # any error of one label object refuses that object only
-            log.debug("a label object could not be read", exc_info=True)
+            log.debug("a label object could not be read: %s", type(err).__name__)
             reason = one_line_reason(err)
             report.append({"patient_id": pid, "series": name, "status": "refused", "reason": reason})
             failures.append({"patient_id": pid, "source": obj.files[0].name, "reason": reason})
@@ -229,7 +229,8 @@ def run(
         ConfigError: ``input_dir`` is not a folder (as in ``medseg predict``).
     """
     if not input_dir.is_dir():
-        raise ConfigError(f"input folder {input_dir} does not exist")
+        # the path is not quoted: a folder named after the patient must not reach the log
+        raise ConfigError("the input folder (--input) does not exist or is not a folder")
     key = load_or_create_key(config.ingest.pseudonym_key_file)
     found = discover(input_dir)
     redact = Redactor(found.identity_values)
@@ -253,7 +254,7 @@ def run(
         try:
             row = ingest_case(case, pid, config, output_dir, result.series_report, result.failures, redact)
         except Exception as err:
-            log.debug("patient %s: traceback", pid, exc_info=True)
+            debug_traceback(log, f"patient {pid}", redact)
             message = redact(one_line_reason(err, str(input_dir)))
             log.error("patient %s skipped: %s", pid, message)
             source = redact(case_source(case, input_dir))

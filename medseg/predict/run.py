@@ -51,7 +51,7 @@ from medseg.config import Config
 from medseg.errors import ConfigError, GeometryError, MedsegError, one_line_reason
 from medseg.ingest.dicom import read_series
 from medseg.ingest.discover import discover, rank_series
-from medseg.ingest.pseudonym import Redactor, load_or_create_key, pseudonym
+from medseg.ingest.pseudonym import Redactor, debug_traceback, load_or_create_key, pseudonym
 from medseg.io import read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
 from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
@@ -127,7 +127,8 @@ def plan(
         ConfigError: ``input_dir`` is not a folder.
     """
     if not input_dir.is_dir():
-        raise ConfigError(f"input folder {input_dir} does not exist")
+        # the path is not quoted: a folder named after the patient must not reach the log
+        raise ConfigError("the input folder (--input) does not exist or is not a folder")
     key = load_or_create_key(config.ingest.pseudonym_key_file)
     found = discover(input_dir)
     redact = Redactor(found.identity_values)
@@ -450,7 +451,7 @@ def run(
     if series_ids is not None:
         unknown = sorted(set(series_ids) - {j.series_id for j in jobs})
         if unknown:
-            raise ConfigError(f"series {', '.join(unknown)} not found below {input_dir} (see series.tsv)")
+            raise ConfigError(f"series {', '.join(unknown)} not found below the input folder (see series.tsv)")
         jobs = [j for j in jobs if j.series_id in set(series_ids)]
     # Temporaries of a killed earlier run; a per-series job only clears its own series' (others may be running).
     folders = [output_dir, *(output_dir / f for f in OUTPUT_FOLDERS)]
@@ -501,7 +502,7 @@ def run(
             result.failures.append({"series_id": job.series_id, "source": "", "reason": reason})
             log.warning("series %s skipped: %s", job.series_id, reason)
         except Exception as err:  # the boundary of one series: any error fails it alone, the batch goes on
-            log.debug("series %s: traceback", job.series_id, exc_info=True)
+            debug_traceback(log, f"series {job.series_id}", redact)
             reason = redact(one_line_reason(err, str(input_dir)))
             record.update(status="failed", reason=reason)
             source = redact(job_source(job, input_dir))
