@@ -106,8 +106,10 @@ def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]
             f"{path.name}: refused: it is not a plain-data checkpoint (loading it would run Python code or it is "
             f"not a torch file). medseg only loads checkpoints of tensors and plain values. ({str(err)[:200]})"
         ) from err
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise ModelLoadError(f"{path.name}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint (IndexError for text)
+        raise ModelLoadError(
+            f"{path.name}: refused: not a readable medseg checkpoint ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
     if not isinstance(state, dict):
         raise ModelLoadError(f"{path.name}: not a medseg checkpoint (holds a {type(state).__name__})")
     return state

@@ -338,6 +338,56 @@ def label_out_of_classes(home: Path, good: list[Path]) -> str:
     return "label_out_of_classes"
 
 
+def negative_spacing(home: Path, good: list[Path]) -> str:
+    for path in _series(home, seed=20):
+        _edit(path, lambda ds: setattr(ds, "PixelSpacing", ["-1.5", "1.5"]))
+    return "negative_spacing"
+
+
+def inf_position(home: Path, good: list[Path]) -> str:
+    files = _series(home, seed=21)
+    _edit(files[1], lambda ds: setattr(ds, "ImagePositionPatient", ["0", "inf", "2.5"]))
+    return "inf_position"
+
+
+def duplicate_slice(home: Path, good: list[Path]) -> str:
+    """A slice exported twice under two instance UIDs: two images at one position."""
+    files = _series(home, seed=22)
+    copy = files[1].with_name("IM_copy.dcm")
+    copy.write_bytes(files[1].read_bytes())
+    _edit(copy, lambda ds: setattr(ds, "SOPInstanceUID", generate_uid()))
+    return "duplicate_slice"
+
+
+def truncated_dicom(home: Path, good: list[Path]) -> str:
+    """A slice cut off in the middle of its pixel data (an interrupted copy)."""
+    files = _series(home, seed=23)
+    data = files[2].read_bytes()
+    files[2].write_bytes(data[: len(data) - 200])
+    return "truncated_dicom"
+
+
+def text_as_nii_gz(home: Path, good: list[Path]) -> str:
+    """A text file named like a NIfTI image."""
+    home.mkdir(parents=True)
+    (home / "image.nii.gz").write_text("not an image\n")
+    return "text_as_nii_gz"
+
+
+def label_wrong_grid(home: Path, good: list[Path]) -> str:
+    """A mask one slice longer than its image (ingest only: predict reads no labels)."""
+    _nifti(home / "image.nii.gz", np.random.default_rng(24).normal(size=SHAPE).astype(np.float32))
+    _nifti(home / "label.nii.gz", np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] + 1), np.uint8))
+    return "label_wrong_grid"
+
+
+def label_fractional(home: Path, good: list[Path]) -> str:
+    """A mask of probabilities, not class numbers (ingest only)."""
+    _nifti(home / "image.nii.gz", np.random.default_rng(25).normal(size=SHAPE).astype(np.float32))
+    _nifti(home / "label.nii.gz", np.full(SHAPE, 0.5, np.float32))
+    return "label_fractional"
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -372,6 +422,13 @@ KINDS = [
     Kind("truncated_nii_gz", truncated_nii_gz),
     Kind("huge_header_nifti", huge_header_nifti),
     Kind("label_out_of_classes", label_out_of_classes, predict=False),
+    Kind("negative_spacing", negative_spacing),
+    Kind("inf_position", inf_position),
+    Kind("duplicate_slice", duplicate_slice),
+    Kind("truncated_dicom", truncated_dicom),
+    Kind("text_as_nii_gz", text_as_nii_gz),
+    Kind("label_wrong_grid", label_wrong_grid, predict=False),
+    Kind("label_fractional", label_fractional, predict=False),
 ]
 PREDICT_KINDS = [k for k in KINDS if k.predict]
 
