@@ -51,7 +51,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
     """
     dims = spatial_dims or config.spatial_dims
     if config.channels is None or config.strides is None or config.network == "auto":
-        raise ValueError("train.network, channels and strides must be resolved (see medseg.train.plan) first")
+        raise ValueError("train.network, channels and strides must be resolved by the plan (medseg.plan) first")
     channels = list(config.channels)
     strides = [_per_axis(s, dims) for s in config.strides]
     net: torch.nn.Module

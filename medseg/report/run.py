@@ -154,7 +154,11 @@ def _qc_pictures(
                     config.predict.qc_slices,
                     reference=reference,
                     title=caption,
-                    window=config.predict.qc_ct_window_hu if config.resample.normalization == "ct" else None,
+                    # the CT soft-tissue window for CT (the manifest's modality, or a CT normalisation the
+                    # config names); percentiles for anything else
+                    window=config.predict.qc_ct_window_hu
+                    if entry.modality == "CT" or config.resample.normalization in ("ct", "window")
+                    else None,
                 )
             except Exception as err:  # one unreadable case must not cost the whole report
                 log.warning("no QC picture for %s: %s", pid, err)

@@ -78,6 +78,7 @@ def _cohort(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
                 "image": str(tmp_path / "images" / f"{pid}.nii.gz"),
                 "label": str(tmp_path / "labels" / f"{pid}.nii.gz"),
                 "split": "test",
+                "modality": "CT" if pid == "P2" else "MR",
             }
         )
         for name, d in zip(CLASSES, dice, strict=True):
@@ -150,3 +151,21 @@ def test_missing_metrics_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ManifestError, match="run `medseg evaluate` first"):
         run(Config(), tmp_path / "metrics.tsv", tmp_path / "r.html")
+
+
+def test_qc_pictures_use_the_ct_window_for_ct_cases_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.report.run as report
+
+    metrics, _history, manifest, predictions = _cohort(tmp_path)
+    windows: dict[str, object] = {}
+    real = report.render_qc
+
+    def spy(image, label, classes, colors, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        windows[Path(path).stem] = kwargs.get("window")
+        return real(image, label, classes, colors, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "render_qc", spy)
+    config = Config.model_validate({"classes": CLASSES, "report": {"worst_patients": 4}})  # normalisation: the plan's
+    run(config, metrics, tmp_path / "r.html", manifest=manifest, predictions=predictions)
+    assert windows["P2"] == config.predict.qc_ct_window_hu  # a CT case: the soft-tissue window
+    assert all(w is None for pid, w in windows.items() if pid != "P2")  # MR: percentiles
