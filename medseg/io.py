@@ -23,6 +23,19 @@ V = TypeVar("V", bound=Volume)
 DEFAULT_MAX_IMAGE_MB = 4096.0  # ``ingest.max_image_mb``: larger declared images are refused before allocating
 
 
+PARTIAL_MARK = ".partial-"  # temporaries are ``.<name>.partial-<random><suffixes>`` beside their final file
+
+
+def partial_path(final: str | Path) -> Path:
+    """A new, empty temporary file beside ``final`` with ``final``'s suffixes (``.nii.gz`` stays ``.nii.gz``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes) or ".tmp"
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL_MARK}", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); rename it onto ``path`` on success.
@@ -30,11 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = partial_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -10,23 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from medseg.io import PARTIAL_MARK, partial_path
+
 log = logging.getLogger(__name__)
-
-PARTIAL_MARK = ".partial-"
-
-
-def partial_path(final: Path) -> Path:
-    """A new, empty temporary file beside ``final`` with ``final``'s suffixes (``.nii.gz`` stays ``.nii.gz``)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL_MARK}", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    return Path(name)
-
 
 class Staging:
     """Temporary files of one series' outputs, renamed onto their final names by :meth:`commit`.
