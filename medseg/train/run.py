@@ -87,7 +87,7 @@ def run(
         threads: torch CPU threads (Snakemake's ``threads``).
         plan_path: ``plan.json`` of ``medseg plan``; None: plan now into ``output_dir/plan.json`` (the
             resampled files must then have been made with the same config).
-        fold: the fold to hold out, when the plan has folds.
+        fold: the fold to hold out, when the plan has folds (default: ``train.fold``).
 
     Raises:
         ManifestError: no training patients, or a resampled file is missing.
@@ -102,6 +102,8 @@ def run(
         plan_stage(config, manifest_path, plan_path, threads)
     plan = load_plan(plan_path)
     resolved = plan.apply(config)
+    if fold is None and plan.folds is not None:
+        fold = config.train.fold  # `medseg train` without --fold trains the config's fold (default 0)
     if fold is not None:
         if plan.folds is None or fold >= (resolved.train.folds or 0):
             raise ConfigError(f"--fold {fold}: the plan has {resolved.train.folds or 'no'} folds")
