@@ -181,7 +181,14 @@ class TrainConfig(_Section):
     schedule: Literal["poly", "cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of the run")
     grad_clip_norm: float | None = Field(12.0, gt=0)
-    amp: bool = Field(True, description="mixed precision; CUDA only, ignored on CPU")
+    amp: bool = Field(
+        True,
+        description="mixed precision: float16 on CUDA, bfloat16 on a CPU with native bf16 (AMX / AVX512-BF16), "
+        "float32 on other CPUs",
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the network for training steps; null: on a CPU for runs of 10+ minutes"
+    )
     deterministic: bool = Field(False, description="deterministic algorithms (slower); always seeded")
     epochs: int | None = Field(
         None, ge=1, description="null: unbounded when max_minutes is set, else the plan's budget"
@@ -205,6 +212,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: Snakemake's threads")
+    num_workers: int | None = Field(
+        None, ge=0, description="processes drawing and augmenting batches (0: the training process); null: by cores"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -257,7 +267,7 @@ class PlanConfig(_Section):
 
     max_patch_voxels: int = Field(160_000, ge=4096, description="patch budget; nnU-Net's GPU patches are ~10x larger")
     max_batch_voxels: int = Field(
-        200_000, ge=4096, description="batch_size * patch voxels stays below this (CPU-sized; raise it on a GPU)"
+        400_000, ge=4096, description="batch_size * patch voxels stays below this (CPU-sized; raise it on a GPU)"
     )
     base_features: int | None = Field(
         None,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,15 @@ from monai.utils import set_determinism
 
 from medseg import tracking
 from medseg.config import Config, Recipe, TrainConfig, recipe_of
+from medseg.device import ThreadTuner
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, write_json, write_text, write_tsv
 from medseg.models import load_checkpoint, load_state, save_checkpoint
 from medseg.networks import build_network
 from medseg.plan.functional import UNBOUNDED_EPOCHS
 from medseg.sliding_window import predict_probabilities
+from medseg.train.data import BatchLoader
 from medseg.train.losses import build_loss
-from medseg.train.transforms import train_transforms
 from medseg.volume import Image
 
 log = logging.getLogger(__name__)
@@ -93,13 +96,15 @@ class Schedule:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov), Adam or AdamW with the configured learning rate and weight decay."""
     params = model.parameters()
+    # fused Adam(W): one kernel for all parameters, 2.5x faster on a CPU than the loop over tensors (1.7 vs 4.2 ms)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
@@ -112,33 +117,41 @@ def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = not cfg.deterministic
 
 
-class Sampler:
-    """Draws training batches: random cases (with replacement), each cut into ``samples_per_volume`` augmented
-    patches. Seeded per epoch (``seed``, ``epoch``), so a run resumed at an epoch boundary draws exactly what the
-    uninterrupted run would have drawn, without pickling every transform's random state."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): then bf16 convolutions are faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
-    def __init__(self, items: list[dict[str, Any]], cfg: Recipe) -> None:
-        self.items, self.cfg = items, cfg
-        self.transform = train_transforms(
-            cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
-        )
-        self.rng = np.random.default_rng(cfg.seed)
 
-    def start_epoch(self, epoch: int) -> None:
-        self.rng = np.random.default_rng([self.cfg.seed, epoch])
-        self.transform.set_random_state(seed=int(self.rng.integers(2**31)))
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast type of training steps with ``amp``: float16 on CUDA, bfloat16 on a CPU that has it natively."""
+    if not cfg.amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.cfg.batch_size
-        patches: list[dict[str, Any]] = []
-        while len(patches) < size:
-            item = self.items[int(self.rng.integers(len(self.items)))]
-            out = self.transform({"image": item["image"], "label": item["label"]})
-            patches.extend(out if isinstance(out, list) else [out])
-        patches = patches[:size]
-        image = torch.stack([torch.as_tensor(np.asarray(p["image"]), dtype=torch.float32) for p in patches])
-        label = torch.stack([torch.as_tensor(np.asarray(p["label"])) for p in patches])
-        return image, label
+
+def _compiled(model: torch.nn.Module, cfg: Recipe, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``train.compile`` says so (null: on a CPU, for runs long enough to repay the
+    half minute it takes: ``max_minutes`` >= 10 or >= 3,000 iterations) and a C++ compiler is there; else ``model``.
+    """
+    long_run = (cfg.max_minutes or 0) >= 10 or (not cfg.max_minutes and cfg.epochs * cfg.iterations_per_epoch >= 3000)
+    wanted = cfg.compile if cfg.compile is not None else device.type == "cpu" and long_run
+    if not wanted:
+        return model
+    if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        log.warning("train.compile: no C++ compiler on this machine, training uncompiled")
+        return model
+    return torch.compile(model)
+
+
+def _float(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    return [o.float() for o in output] if isinstance(output, list | tuple) else output.float()
 
 
 def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config, device: torch.device) -> np.ndarray:
@@ -152,9 +165,7 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
     n = config.num_classes
     infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
     for item in items:
-        probs = predict_probabilities(
-            model, Image(item["image"], np.eye(4)), patch, infer, device
-        )
+        probs = predict_probabilities(model, Image(item["image"], np.eye(4)), patch, infer, device)
         pred = torch.as_tensor(probs.array.argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
         true = torch.as_tensor(np.asarray(item["label"][0])).long().clamp(0, n - 1)
@@ -257,6 +268,7 @@ def fit(
     tags: dict[str, str] | None = None,
     artifacts: list[tuple[Path, str]] | None = None,
     info: ModelInfo | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume) and write ``model.pt`` (best), ``last.pt``, ``history.tsv``, ``run.json``.
 
@@ -271,6 +283,7 @@ def fit(
         tags: MLflow tags (git commit, manifest hash, ...).
         artifacts: ``(path, artifact folder)`` logged at the end.
         info: the plan, the contract and the fold, written into ``model.pt``.
+        workers: processes drawing the training batches (0: this process); see :func:`medseg.device.split_cores`.
 
     Returns:
         ``{"run_id", "best_val_dice", "best_epoch", "epochs", "elapsed_s", "stopped"}``.
@@ -278,7 +291,20 @@ def fit(
     Raises:
         ConfigError: the config's train section is not resolved by a plan.
     """
-    trainer = Trainer(config, train_items, val_items, output_dir, device, identity, info or ModelInfo())
+    trainer = Trainer(config, train_items, val_items, output_dir, device, identity, info or ModelInfo(), workers)
+    try:
+        return _fit(trainer, params, tags, artifacts)
+    finally:
+        trainer.loader.close()
+
+
+def _fit(
+    trainer: Trainer,
+    params: dict[str, Any] | None,
+    tags: dict[str, str] | None,
+    artifacts: list[tuple[Path, str]] | None,
+) -> dict[str, Any]:
+    config, output_dir, device = trainer.config, trainer.output_dir, trainer.device
     trainer.restore()
     write_text(output_dir / "config.yaml", config.to_yaml())
     progress = trainer.progress
@@ -316,6 +342,7 @@ class Trainer:
         device: torch.device,
         identity: str,
         info: ModelInfo,
+        workers: int = 0,
     ) -> None:
         self.config, self.cfg = config, recipe_of(config.train)
         self.val_items, self.output_dir, self.device = val_items, output_dir, device
@@ -326,12 +353,16 @@ class Trainer:
         self.loss_fn = build_loss(self.cfg, config.num_classes).to(device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.schedule = Schedule(self.optimizer, self.cfg)
-        self.use_amp = self.cfg.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.sampler = Sampler(train_items, self.cfg)
+        self.amp_dtype = amp_dtype(self.cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.step_model = _compiled(self.model, self.cfg, device)  # shares the weights with self.model
+        # on a CPU, threads follow the measured step times (a busy machine); a deterministic run keeps its count
+        self.tuner = ThreadTuner(torch.get_num_threads() if device.type == "cpu" and not self.cfg.deterministic else 1)
+        self.loader = BatchLoader(train_items, self.cfg, workers, pin_memory=device.type == "cuda")
         self.budget_s = 60.0 * self.cfg.max_minutes if self.cfg.max_minutes else math.inf
         self.progress = Progress()
         self.stopped = ""
+        self.batches_crc32 = ""
         self.session_start = time.perf_counter()
 
     def restore(self) -> None:
@@ -359,15 +390,19 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[list[float], int, float]:
         """One epoch of ``iterations_per_epoch`` steps (fewer when the budget runs out): losses, samples, seconds."""
         cfg, device = self.cfg, self.device
-        self.sampler.start_epoch(epoch)
         self.model.train()
-        start, losses, samples = time.perf_counter(), [], 0
-        for _ in range(cfg.iterations_per_epoch):
-            image, label = self.sampler.batch()
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        start, losses, samples, crc = time.perf_counter(), [], 0, 0
+        last = start
+        for batch in self.loader.epoch(epoch):
+            # what was drawn, for the record (a resumed run draws the same): every mask, the first image (0.3 ms)
+            for part in (batch["label"], batch["image"][0]):
+                crc = zlib.crc32(memoryview(part.contiguous().numpy()).cast("B"), crc)
+            image = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
-                loss = self.loss_fn(self.model(image), label)
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+                output = self.step_model(image)
+            loss = self.loss_fn(_float(output), label)  # the loss in float32, as nnU-Net computes it
             self.scaler.scale(loss).backward()
             if cfg.grad_clip_norm:
                 self.scaler.unscale_(self.optimizer)
@@ -375,11 +410,16 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.schedule.step(time.perf_counter() - self.session_start)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # no device sync per step: read once per epoch
             samples += image.shape[0]
-            if time.perf_counter() - self.session_start >= self.budget_s:
+            now = time.perf_counter()
+            self.tuner.record(now - last)
+            last = now
+            if now - self.session_start >= self.budget_s:
                 break
-        return losses, samples, time.perf_counter() - start
+        values = torch.stack(losses).float().cpu().tolist()
+        self.batches_crc32 = f"{crc:08x}"
+        return values, samples, time.perf_counter() - start
 
     def validate_and_save(self, epoch: int, row: dict[str, Any], last_epoch: bool) -> None:
         """Validate when due (every ``val_every_epochs`` and at the end); keep ``model.pt`` the best so far."""
@@ -413,6 +453,8 @@ class Trainer:
             "learning_rate": self.schedule.lr,
             "seconds_per_epoch": seconds,
             "samples_per_second": samples / seconds,
+            "torch_threads": torch.get_num_threads(),
+            "batches_crc32": self.batches_crc32,
             "elapsed_minutes": progress.elapsed_s / 60.0,
         }
         self.validate_and_save(epoch, row, last_epoch)
@@ -420,7 +462,7 @@ class Trainer:
         progress.history.append(row)
         progress.finished = last_epoch or early
         self.stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
-        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "batches_crc32")}, step=epoch)
         _save_last(
             self.output_dir / "last.pt",
             self.model,

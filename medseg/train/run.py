@@ -18,7 +18,7 @@ from typing import Any
 
 from medseg import tracking
 from medseg.config import Config
-from medseg.device import select_device, set_torch_threads
+from medseg.device import select_device, set_torch_threads, split_cores, usable_cores
 from medseg.errors import ConfigError, ManifestError
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv
 from medseg.manifest import Entry, manifest_digest, read_manifest, select
@@ -84,7 +84,8 @@ def run(
         manifest_path: the data manifest.
         resample_dir: the resample stage's folder.
         output_dir: this model's folder.
-        threads: torch CPU threads (Snakemake's ``threads``).
+        threads: the cores this job may use (Snakemake's ``threads``): torch threads and batch-drawing workers
+            (:func:`medseg.device.split_cores`; ``train.num_threads`` / ``num_workers`` override).
         plan_path: ``plan.json`` of ``medseg plan``; None: plan now into ``output_dir/plan.json`` (the
             resampled files must then have been made with the same config).
         fold: the fold to hold out, when the plan has folds (default: ``train.fold``).
@@ -95,11 +96,13 @@ def run(
         ConfigError: no usable plan, or a fold outside it.
     """
     device = select_device(config.train.device)
-    threads = set_torch_threads(config.train.num_threads or threads)
+    cores = min(threads, usable_cores())
+    torch_threads, workers = split_cores(cores, device.type, config.train.num_workers)
+    torch_threads = set_torch_threads(config.train.num_threads or torch_threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     if plan_path is None:
         plan_path = output_dir / "plan.json"
-        plan_stage(config, manifest_path, plan_path, threads)
+        plan_stage(config, manifest_path, plan_path, cores)
     plan = load_plan(plan_path)
     resolved = plan.apply(config)
     if fold is None and plan.folds is not None:
@@ -123,8 +126,7 @@ def run(
         resolved.resample.normalization,
         f"; fold {fold}: {len(train_entries)} train, {len(val_entries)} validation" if fold is not None else "",
     )
-    workers = config.train.num_threads or threads
-    train_items, val_items = _load(train_entries, resample_dir, workers), _load(val_entries, resample_dir, workers)
+    train_items, val_items = _load(train_entries, resample_dir, cores), _load(val_entries, resample_dir, cores)
     # MLflow params: the sections that ran (the plan's effective resample and train), the rest of the config,
     # and which keys the user set over the plan.
     params = {**resolved.to_dict(), "plan_overrides": plan.overrides or "none", "plan_fingerprint": plan.fingerprint}
@@ -145,6 +147,7 @@ def run(
         },
         artifacts=[(plan_path, "plan"), (manifest_path, "manifest")],
         info=ModelInfo(plan=plan.model_dump(mode="json"), contract=plan.contract, fold=fold),
+        workers=workers,
     )
 
 

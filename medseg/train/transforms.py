@@ -122,19 +122,23 @@ def train_transforms(
     spatial_dims: int = 3,
     samples_per_volume: int = 1,
     foreground_fraction: float = 0.67,
+    locations: bool = False,
 ) -> Compose:
     """Pad, cut foreground-oversampled patches, then the spatial and intensity augmentation.
 
     Inputs: ``image`` float ``(1, X, Y, Z)``, ``label`` ``(1, X, Y, Z)``; outputs ``samples_per_volume`` patches
     of ``patch_size``. ``foreground_fraction`` of them are centred on a labelled voxel, the rest on background.
+    ``locations``: the inputs are padded already and carry ``fg`` and ``bg``, flat indices of the voxels to centre
+    crops on (:class:`medseg.train.data.PatchBatches`), so neither padding nor a search of the label is repeated.
     """
     pos = foreground_fraction
     neg = 1.0 - foreground_fraction
+    # replicate the edge, as sliding-window inference pads (medseg.sliding_window): a patch larger than the
+    # volume must look the same in training and at inference
+    pad = [] if locations else [SpatialPadd(KEYS, spatial_size=patch_size, mode="edge")]
     return Compose(
         [
-            # replicate the edge, as sliding-window inference pads (medseg.sliding_window): a patch larger than the
-            # volume must look the same in training and at inference
-            SpatialPadd(KEYS, spatial_size=patch_size, mode="edge"),
+            *pad,
             RandCropByPosNegLabeld(
                 KEYS,
                 label_key="label",
@@ -143,6 +147,8 @@ def train_transforms(
                 neg=neg,
                 num_samples=samples_per_volume,
                 allow_smaller=True,
+                fg_indices_key="fg" if locations else None,
+                bg_indices_key="bg" if locations else None,
             ),
             *spatial_transforms(augment, spatial_dims),
             *intensity_transforms(augment, spatial_dims),

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,9 +76,11 @@ def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, 
     assert _history(out)[-1]["epoch"] == "2"
 
 
-def test_resume_after_kill_9_continues_the_epochs_and_the_mlflow_run(tiny_dataset: dict, make_config: Callable) -> None:
+def test_resume_after_kill_9_continues_the_epochs_the_batches_and_the_mlflow_run(
+    tiny_dataset: dict, make_config: Callable
+) -> None:
     root = tiny_dataset["root"]
-    config = make_config(root, epochs=12, iterations_per_epoch=2, val_every_epochs=1)
+    config = make_config(root, epochs=12, iterations_per_epoch=2, val_every_epochs=1, num_workers=1)
     config_path = root / "config.yaml"
     config_path.write_text(config.to_yaml())
     out = root / "train"
@@ -107,6 +110,12 @@ def test_resume_after_kill_9_continues_the_epochs_and_the_mlflow_run(tiny_datase
     assert steps == list(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    # the killed and resumed run (a worker process) drew the batches of an uninterrupted run (no workers)
+    loaded = load_config(config_path)  # as the killed run read it
+    straight = loaded.model_copy(update={"train": loaded.train.model_copy(update={"num_workers": 0})})
+    run(straight, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "straight")
+    drawn = [r["batches_crc32"] for r in _history(out)]
+    assert drawn == [r["batches_crc32"] for r in _history(root / "straight")] and len(set(drawn)) == 12
 
 
 def _identity(config: Config, dataset: dict, plan: Path) -> str:
@@ -125,17 +134,17 @@ def test_a_resumed_run_matches_an_uninterrupted_one(
     args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"])
     run(*args, root / "straight")
 
-    original = loop.Sampler.start_epoch
+    original = loop.BatchLoader.epoch
 
-    def crash_at_3(self: loop.Sampler, epoch: int) -> None:
+    def crash_at_3(self: loop.BatchLoader, epoch: int) -> Any:
         if epoch == 3:
             raise KeyboardInterrupt("simulated crash")
-        original(self, epoch)
+        return original(self, epoch)
 
-    monkeypatch.setattr(loop.Sampler, "start_epoch", crash_at_3)
+    monkeypatch.setattr(loop.BatchLoader, "epoch", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
         run(*args, root / "resumed")
-    monkeypatch.setattr(loop.Sampler, "start_epoch", original)
+    monkeypatch.setattr(loop.BatchLoader, "epoch", original)
     run(*args, root / "resumed")
     straight, resumed = _history(root / "straight"), _history(root / "resumed")
     assert [r["epoch"] for r in resumed] == ["1", "2", "3", "4"]
