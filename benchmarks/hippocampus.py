@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from medseg.config import Config, validate_config
-from medseg.device import select_device
+from medseg.device import select_device, split_cores, usable_cores
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
 from medseg.infer.run import predict
 from medseg.io import read_tsv, read_volume, write_json, write_tsv, write_volume
@@ -152,6 +152,7 @@ def train_medseg(train: list[dict], workdir: Path, minutes: float) -> Path:
         identity=f"hippocampus-{resolved.digest()}-{len(items)}",
         params=resolved.to_dict(),
         tags={"benchmark": "hippocampus"},
+        workers=split_cores(usable_cores(), device.type)[1],  # as `medseg train` splits the cores
     )
     log.info("medseg training: %s", summary)
     return out / "model.pt"

@@ -1,18 +1,42 @@
-"""Seconds per training iteration (forward, backward, AdamW step; batch 2) of the networks medseg can build: the
-measurement behind the plan's choice of network and width per device (``train.network: auto``).
+"""Training speed on a CPU (or CUDA): the measurements behind medseg's defaults.
 
-    python benchmarks/train_speed.py [--threads 2] [--iterations 3] [--device cpu|cuda]
+    python benchmarks/train_speed.py levers [--busy] [--threads 2] [--epochs 5]
+    python benchmarks/train_speed.py loader [--worker-counts 0 1 2] [--epochs 5]
+    python benchmarks/train_speed.py networks [--threads 2] [--iterations 3] [--device cpu|cuda]
 
-On CUDA the iterations run under autocast (float16), as ``medseg train`` does with ``amp: true``.
+``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
+forward, backward, AdamW) on the hippocampus plan (``../shared/data/hippocampus``, the cases
+``benchmarks/hippocampus.py`` trains on), one lever added at a time, each setting in a fresh process after a warm-up
+epoch; with ``--busy``, each is measured again beside a 2-thread torch matrix-multiply loop started in its own
+session (``setsid``), as a job in another terminal would be. Ratios are against the first row, measured in the same
+run.
+
+``loader``: samples per second of the batch loader alone (drawing and augmentation, no network) per worker count,
+with the GPU plan's augmentation (nnU-Net's) and the CPU plan's: the data feed a GPU would get per worker.
+
+``networks``: seconds per iteration (forward, backward, AdamW step; batch 2) of the networks medseg can build, the
+measurement behind the plan's choice of network and width per device. On CUDA the iterations run under autocast
+(float16), as ``medseg train`` does with ``amp: true``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.nets import DynUNet, UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hippocampus.py beside this file
 
 
 def dynunet(features: list[int]) -> torch.nn.Module:
@@ -55,12 +79,7 @@ def seconds_per_iteration(net: torch.nn.Module, shape: tuple[int, ...], iteratio
     return (time.perf_counter() - start) / iterations
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+def networks(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -75,6 +94,239 @@ def main() -> None:
     ]
     for name, net, shape in cases:
         print(f"{name}: {seconds_per_iteration(net, shape, args.iterations, args.device):.3f} s/iteration", flush=True)
+
+
+# ---- levers: the training loop's samples/s on the hippocampus plan ----------------------------------------------
+
+HOG = (
+    "import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nwhile True:\n    a = (a @ a).clamp_(-1, 1)\n"
+)
+
+
+class LegacyLoader:
+    """The batch drawing of medseg before the data pipeline (commit 3dfd396): in the training process, one patch
+    after another, each padded and searched for foreground afresh, with MONAI's metadata tracking on."""
+
+    def __init__(self, items: list[dict], cfg: Any) -> None:
+        from medseg.train.transforms import train_transforms
+
+        self.items, self.cfg = items, cfg
+        self.transform = train_transforms(
+            cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
+        )
+
+    def epoch(self, epoch: int) -> Any:
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        for _ in range(self.cfg.iterations_per_epoch):
+            patches: list[dict] = []
+            while len(patches) < self.cfg.batch_size:
+                item = self.items[int(rng.integers(len(self.items)))]
+                out = self.transform({"image": item["image"], "label": item["label"]})
+                patches.extend(out if isinstance(out, list) else [out])
+            yield {
+                "image": torch.stack([torch.as_tensor(np.asarray(p["image"]), dtype=torch.float32) for p in patches]),
+                "label": torch.stack([torch.as_tensor(np.asarray(p["label"])) for p in patches]),
+            }
+
+    def close(self) -> None:
+        pass
+
+
+def hippocampus_items(train_dir: Path, cache: Path) -> tuple[Any, list[dict]]:
+    """The hippocampus plan (as ``benchmarks/hippocampus.py`` makes it) and its preprocessed training cases."""
+    import pickle
+
+    if cache.exists():
+        with open(cache, "rb") as f:
+            return pickle.load(f)  # our own cache file, written just below by this script
+    from hippocampus import HOLDOUT, base_config, msd_cases
+
+    from medseg.config import validate_config
+    from medseg.io import read_volume
+    from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
+    from medseg.resample.functional import preprocess
+    from medseg.volume import Image, Label
+
+    config = validate_config(base_config(cache.parent, 15), "train_speed")
+    cases = [c for c in msd_cases(train_dir, "imagesTr", "labelsTr") if c["case"] not in HOLDOUT]
+    loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in cases]
+    measured = [case_fingerprint(image, label, config.num_classes, seed=0) for image, label in loaded]
+    planned = make_plan(fingerprint(measured, config.num_classes, ["MR"] * len(measured)), config, "cpu")
+    resample = resolve_resample(config.resample, planned["resample"])
+    resolved = config.model_copy(update={"resample": resample, "train": resolve_train(config.train, planned["train"])})
+    items = [
+        {"patient_id": c["case"], "image": preprocess(image, resolved.resample).array, "label": label.array}
+        for c, (image, label) in zip(cases, loaded, strict=True)
+    ]
+    with open(cache, "wb") as f:
+        pickle.dump((resolved, items), f)
+    return resolved, items
+
+
+def lever_samples_per_second(args: argparse.Namespace) -> None:
+    """One lever setting, in this process: samples/s of ``Trainer.train_epoch`` over ``--epochs`` epochs."""
+    from medseg.device import ThreadTuner, set_torch_threads
+    from medseg.train.loop import ModelInfo, Schedule, Trainer
+
+    set_torch_threads(args.threads)
+    resolved, items = hippocampus_items(args.train_dir, args.cache)
+    update = {"amp": args.amp, "compile": args.compile, "max_minutes": None, "batch_size": args.batch}
+    train = resolved.train.model_copy(update={k: v for k, v in update.items() if v is not None or k == "max_minutes"})
+    config = resolved.model_copy(update={"train": train})
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, items, [], Path(out), torch.device("cpu"), "speed", ModelInfo(), args.workers)
+        if args.legacy:
+            trainer.loader.close()
+            trainer.loader = LegacyLoader(items, trainer.cfg)
+        if args.unfused:
+            trainer.optimizer = torch.optim.AdamW(
+                trainer.model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+            )
+            trainer.schedule = Schedule(trainer.optimizer, trainer.cfg)
+        if args.fixed_threads:
+            trainer.tuner = ThreadTuner(1)  # a tuner with nothing to choose leaves the threads alone
+        try:
+            warm = time.perf_counter()
+            trainer.train_epoch(1)  # warm-up (and compilation): not counted
+            warm = time.perf_counter() - warm
+            samples, seconds = 0, 0.0
+            for epoch in range(2, 2 + args.epochs):
+                _, n, s = trainer.train_epoch(epoch)
+                samples, seconds = samples + n, seconds + s
+        finally:
+            trainer.loader.close()
+    print(json.dumps({"samples_per_s": samples / seconds, "warmup_s": warm}))
+
+
+OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile"]
+SETTINGS = [
+    ("before: 3dfd396's drawing, float32, AdamW, batch 2", [*OLD, "--legacy", "--unfused", "--fixed-threads"]),
+    ("+ volumes padded once, crop centres kept, no MONAI metadata", [*OLD, "--unfused", "--fixed-threads"]),
+    ("+ fused AdamW", [*OLD, "--fixed-threads"]),
+    ("+ bfloat16 autocast (AMX)", [*OLD, "--amp", "--fixed-threads"]),
+    ("+ torch.compile", [*OLD, "--amp", "--compile", "--fixed-threads"]),
+    (
+        "+ batch 4 (the plan's CPU batch now)",
+        ["--batch", "4", "--workers", "0", "--amp", "--compile", "--fixed-threads"],
+    ),
+    ("+ thread tuner = medseg's default", ["--batch", "4", "--workers", "0", "--amp", "--compile"]),
+    ("  (default with 1 worker process)", ["--batch", "4", "--workers", "1", "--amp", "--compile"]),
+]
+
+
+def levers(args: argparse.Namespace) -> None:
+    """Each lever's samples/s, every setting in a fresh process, quiet and (``--busy``) beside a torch process in
+    another session (``setsid``: the kernel's autogroup then shares the CPU per session, as between two terminals).
+    Round-robin over the settings ``--repeat`` times, median reported: a shared machine's speed drifts."""
+    settings = [s for s in SETTINGS if not args.only or any(k in s[0] for k in args.only.split(","))]
+    rows = []
+    for repeat in range(args.repeat):
+        for name, flags in settings:
+            again = args.busy == "all" or any(k and k in name for k in args.busy.split(","))
+            for busy in [False, True] if again else [False]:
+                result = _one_setting(args, flags, busy)
+                rows.append({"setting": name, "busy": busy, **result})
+                print(
+                    f"{name} {'BUSY' if busy else 'quiet'} #{repeat + 1}: {result['samples_per_s']:.1f} samples/s "
+                    f"(warm-up {result['warmup_s']:.1f} s)",
+                    flush=True,
+                )
+
+    def median(name: str, busy: bool) -> float | None:
+        values = sorted(r["samples_per_s"] for r in rows if r["setting"] == name and r["busy"] == busy)
+        return values[len(values) // 2] if values else None
+
+    base = median(settings[0][0], False) or float("nan")
+    print(f"\nmedian of {args.repeat} round(s) of {args.epochs} timed epochs (20 iterations each)")
+    print("| setting | quiet samples/s | vs before | busy samples/s | busy / quiet |")
+    print("|---|---|---|---|---|")
+    for name, _ in settings:
+        quiet, busy = median(name, False) or float("nan"), median(name, True)
+        cells = f"{busy:.1f} | {busy / quiet:.0%}" if busy is not None else "- | -"
+        print(f"| {name} | {quiet:.1f} | {quiet / base:.2f}x | {cells} |")
+
+
+def _one_setting(args: argparse.Namespace, flags: list[str], busy: bool) -> dict[str, float]:
+    hog = None
+    if busy:
+        hog = subprocess.Popen([sys.executable, "-c", HOG], start_new_session=True)
+        time.sleep(3)
+    command = [sys.executable, __file__, "--one", "--threads", str(args.threads), "--epochs", str(args.epochs)]
+    command += ["--train-dir", str(args.train_dir), "--cache", str(args.cache), *flags]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=args.env)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def loader(args: argparse.Namespace) -> None:
+    """Samples/s of the batch loader alone (no network), with the GPU plan's augmentation (nnU-Net's preset) and
+    with the CPU plan's (light), per worker count: what a GPU's data feed would get per worker process."""
+    from medseg.config import AugmentConfig
+    from medseg.plan.functional import resolve_augment
+    from medseg.train.data import BatchLoader
+
+    resolved, items = hippocampus_items(args.train_dir, args.cache)
+    for preset, batch in (("nnunet", 2), ("light", 4)):
+        augment = resolve_augment(AugmentConfig(), preset)
+        cfg = resolved.train.model_copy(update={"augment": augment, "batch_size": batch, "iterations_per_epoch": 50})
+        for workers in args.worker_counts:
+            batches = BatchLoader(items, cfg, workers)
+            try:
+                for _ in batches.epoch(1):  # starts the workers
+                    pass
+                start, samples = time.perf_counter(), 0
+                for epoch in range(2, 2 + args.epochs):
+                    samples += sum(b["image"].shape[0] for b in batches.epoch(epoch))
+                rate = samples / (time.perf_counter() - start)
+            finally:
+                batches.close()
+            print(f"{preset} augmentation, batch {batch}, {workers} worker(s): {rate:.0f} samples/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="levers", choices=["levers", "networks", "loader"])
+    parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=3, help="networks: timed iterations per network")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="networks only")
+    parser.add_argument("--epochs", type=int, default=5, help="levers: timed epochs (20 iterations each)")
+    parser.add_argument(
+        "--busy",
+        default="",
+        help="levers: the settings (name parts, comma-separated) to measure "
+        "again beside a torch process in another session; 'all' for every one",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="levers: rounds over the settings (median reported)")
+    parser.add_argument("--only", default="", help="levers: comma-separated parts of the setting names to run")
+    parser.add_argument("--train-dir", type=Path, default=Path("../shared/data/hippocampus"))
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medseg_train_speed.pkl")
+    # one setting, in this process (what `levers` runs in a child process per setting)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fixed-threads", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.train_dir, args.cache = args.train_dir.resolve(), args.cache.resolve()
+    args.env = dict(os.environ)
+    if args.one:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        lever_samples_per_second(args)
+    elif args.what == "networks":
+        networks(args)
+    elif args.what == "loader":
+        loader(args)
+    else:
+        levers(args)
 
 
 if __name__ == "__main__":
