@@ -280,13 +280,22 @@ class PlanConfig(_Section):
 
 
 class JobsConfig(_Section):
-    """How the workflow cuts per-case stages (resample, infer, postprocess) into jobs."""
+    """How the workflow cuts per-case stages (resample, infer, postprocess) into jobs, and what each job asks a
+    cluster executor for (Snakemake's ``mem_mb``, ``runtime`` and ``gpu`` resources; a profile's
+    ``set-resources`` still wins)."""
 
     cases_per_job: int = Field(
         40,
         ge=1,
         description="cases one resample/infer/postprocess job handles (a pool inside); 1: a job per case (big CTs "
         "on a cluster)",
+    )
+    gpus: int = Field(1, ge=0, description="GPUs a train or infer job asks for (0: a CPU-only cluster)")
+    mem_mb: dict[str, int] = Field(
+        default_factory=dict, description="memory per job by rule name, over medseg's defaults (e.g. train: 64000)"
+    )
+    runtime_min: dict[str, int] = Field(
+        default_factory=dict, description="wall-time limit (minutes) per job by rule name, over medseg's defaults"
     )
 
 

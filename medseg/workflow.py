@@ -52,9 +52,48 @@ def chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[k * len(items) // count : (k + 1) * len(items) // count] for k in range(count)]
 
 
+# What each rule asks a cluster executor for: memory (MB) and a wall-time limit (minutes). Sized for a CT of
+# 512 x 512 x 600 float32 (600 MB) plus its copies in the stage; `jobs.mem_mb` / `jobs.runtime_min` (or a
+# profile's set-resources) override them per rule. Training's limit follows train.max_minutes when it is set.
+RULE_MEM_MB = {
+    "demo_data": 2000,
+    "ingest": 8000,
+    "plan": 8000,
+    "resample": 8000,
+    "train": 32000,
+    "train_fold": 32000,
+    "infer": 16000,
+    "postprocess_decide": 8000,
+    "postprocess": 8000,
+    "evaluate": 8000,
+    "report": 4000,
+    "predict_series_list": 4000,
+    "predict": 16000,
+    "predict_all": 2000,
+}
+RULE_RUNTIME_MIN = {"demo_data": 15, "ingest": 120, "plan": 60, "train": 24 * 60, "report": 30}
+DEFAULT_RUNTIME_MIN = 120
+
+
 @dataclass(frozen=True)
 class Workflow:
     config: Config
+
+    def resources(self, rule: str, gpu: bool = False) -> dict[str, Any]:
+        """Snakemake resources of ``rule``: ``mem_mb``, ``runtime`` (minutes) and, for train and infer, ``gpu``
+        (read by the SLURM and Kubernetes executors alike; locally only ``--resources gpu=N`` limits them)."""
+        jobs = self.config.jobs
+        runtime = RULE_RUNTIME_MIN.get(rule, DEFAULT_RUNTIME_MIN)
+        minutes = self.config.train.max_minutes
+        if rule in ("train", "train_fold") and minutes:
+            runtime = int(minutes * 1.25) + 30  # loading, validation and the model's logging besides the budget
+        out: dict[str, Any] = {
+            "mem_mb": jobs.mem_mb.get(rule, RULE_MEM_MB.get(rule, 4000)),
+            "runtime": jobs.runtime_min.get(rule, runtime),
+        }
+        if gpu:
+            out["gpu"] = jobs.gpus
+        return out
 
     @classmethod
     def from_snakemake(cls, config: dict[str, Any], source: str = "Snakemake config") -> Workflow:

@@ -9,5 +9,7 @@ if WF.config.demo_data.enabled:
         log:
             WF.log("demo_data"),
         threads: 1
+        resources:
+            **WF.resources("demo_data"),
         shell:
             "medseg demo-data --config {params.config} --output {output} > {log} 2>&1"

@@ -14,5 +14,7 @@ rule evaluate:
     log:
         WF.log("evaluate"),
     threads: 1
+    resources:
+        **WF.resources("evaluate"),
     shell:
         "medseg evaluate --config {params.config} --manifest {input.manifest} --predictions {params.predictions} --output-dir {params.folder} --run-json {input.run} --skips-ok > {log} 2>&1 && cat {log}"

@@ -17,6 +17,6 @@ rule infer:
         WF.log("infer/{shard}"),
     threads: 1
     resources:
-        gpu=1,
+        **WF.resources("infer", gpu=True),
     shell:
         "medseg infer --config {params.config} --model {input.model} --manifest {input.manifest} --patient-id {params.patients} --output-dir {params.folder} --record {output} --threads {threads} > {log} 2>&1"

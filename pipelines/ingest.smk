@@ -10,5 +10,7 @@ checkpoint ingest:
     log:
         WF.log("ingest"),
     threads: 1
+    resources:
+        **WF.resources("ingest"),
     shell:
         "medseg ingest --config {params.config} --input {input} --output {output.folder} --manifest {output.manifest} --skips-ok > {log} 2>&1"

@@ -9,5 +9,7 @@ rule plan:
     log:
         WF.log("plan"),
     threads: 2
+    resources:
+        **WF.resources("plan"),
     shell:
         "medseg plan --config {params.config} --manifest {input.manifest} --output {output} --threads {threads} > {log} 2>&1"

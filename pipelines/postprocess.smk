@@ -12,6 +12,8 @@ rule postprocess_decide:
     log:
         WF.log("postprocess/decision"),
     threads: 1
+    resources:
+        **WF.resources("postprocess_decide"),
     shell:
         "medseg postprocess-decide --config {params.config} --manifest {input.manifest} --predictions {params.folder} --output {output} {params.splits} --skips-ok > {log} 2>&1"
 
@@ -32,5 +34,7 @@ rule postprocess:
     log:
         WF.log("postprocess/{shard}"),
     threads: 2
+    resources:
+        **WF.resources("postprocess"),
     shell:
         "medseg postprocess --config {params.config} --input-dir {params.source} --output-dir {params.folder} --patient-id {params.patients} {params.decision} --record {output} --threads {threads} --skips-ok > {log} 2>&1"

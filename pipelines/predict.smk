@@ -14,6 +14,8 @@ if WF.config.predict.input_dir is not None:
         log:
             WF.log("predict/plan"),
         threads: 1
+        resources:
+            **WF.resources("predict_series_list"),
         shell:
             "medseg predict --config {params.config} --list-series --input {input} --output {params.folder} > {log} 2>&1"
 
@@ -33,7 +35,7 @@ if WF.config.predict.input_dir is not None:
             WF.log("predict/{series_id}"),
         threads: 1
         resources:
-            gpu=1,
+            **WF.resources("predict", gpu=True),
         shell:
             "medseg predict --config {params.config} --model {params.model} --input {params.input} --output {params.folder} --series-id {wildcards.series_id} --threads {threads} --skips-ok > {log} 2>&1"
 
@@ -50,5 +52,7 @@ if WF.config.predict.input_dir is not None:
         log:
             WF.log("predict/summary"),
         threads: 1
+        resources:
+            **WF.resources("predict_all"),
         shell:
             "medseg predict --config {params.config} --model {params.model} --input {params.input} --output {params.folder} --skips-ok > {log} 2>&1"

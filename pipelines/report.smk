@@ -14,5 +14,7 @@ rule report:
     log:
         WF.log("report"),
     threads: 1
+    resources:
+        **WF.resources("report"),
     shell:
         "medseg report --config {params.config} --metrics {input.metrics} --history {input.history} --manifest {input.manifest} --predictions {params.predictions} --run-json {input.run} --output {output} > {log} 2>&1"

@@ -13,5 +13,7 @@ rule resample:
     log:
         WF.log("resample/{shard}"),
     threads: 2
+    resources:
+        **WF.resources("resample"),
     shell:
         "medseg resample --config {params.config} --manifest {input.manifest} --plan {input.plan} --patient-id {params.patients} --output-dir {params.folder} --threads {threads} --record {output} > {log} 2>&1"

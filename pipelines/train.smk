@@ -21,7 +21,7 @@ if WF.folds:
             WF.benchmark("train_fold{fold}")
         threads: workflow.cores
         resources:
-            gpu=1,
+            **WF.resources("train_fold", gpu=True),
         shell:
             "medseg train --config {params.config} --manifest {input.manifest} --plan {input.plan} --resample-dir {params.resample_dir} --output-dir {params.folder} --fold {wildcards.fold} --threads {threads} > {log} 2>&1"
 
@@ -39,6 +39,8 @@ if WF.folds:
         log:
             WF.log("train/ensemble"),
         threads: 1
+        resources:
+            **WF.resources("train"),
         shell:
             "medseg ensemble --config {params.config} --fold-dir {params.folds} --output-dir {params.folder} > {log} 2>&1"
 
@@ -64,6 +66,6 @@ else:
             WF.benchmark("train")
         threads: workflow.cores
         resources:
-            gpu=1,
+            **WF.resources("train", gpu=True),
         shell:
             "medseg train --config {params.config} --manifest {input.manifest} --plan {input.plan} --resample-dir {params.resample_dir} --output-dir {params.folder} --threads {threads} > {log} 2>&1"
