@@ -415,6 +415,12 @@ class TrackingConfig(_Section):
     uri: str = Field("sqlite:///results/mlflow.db", description="MLflow tracking URI: a SQLite file or a server")
     artifact_dir: Path = Field(Path("results/mlartifacts"), description="artifact root for a new experiment")
     experiment: str = "medseg"
+    system_metrics_interval_s: float | None = Field(
+        10.0,
+        gt=0,
+        description="training runs sample CPU, memory, disk (GPU with nvidia-ml-py) as system/* metrics "
+        "every this many seconds (MLflow's system metrics); null: off",
+    )
 
 
 class Config(_Section):

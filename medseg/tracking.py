@@ -70,10 +70,24 @@ def git_commit() -> str:
 
 
 @contextlib.contextmanager
-def run(config: TrackingConfig, run_id: str | None = None, run_name: str | None = None) -> Iterator[str]:
-    """Open (or re-open, by ``run_id``) an MLflow run; yields its id. Ends it as FAILED on an exception."""
+def run(
+    config: TrackingConfig, run_id: str | None = None, run_name: str | None = None, system_metrics: bool = False
+) -> Iterator[str]:
+    """Open (or re-open, by ``run_id``) an MLflow run; yields its id. Ends it as FAILED on an exception.
+
+    ``system_metrics``: MLflow samples CPU, memory, disk and network (and the GPUs, where nvidia-ml-py is
+    installed) every ``config.system_metrics_interval_s`` seconds into ``system/*`` metrics of the run.
+    """
     experiment_id = _experiment_id(config)
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name) as r:
+    sample = system_metrics and config.system_metrics_interval_s is not None
+    if sample:
+        mlflow.system_metrics.set_system_metrics_sampling_interval(config.system_metrics_interval_s)
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=run_name,
+        log_system_metrics=sample or None,
+    ) as r:
         yield r.info.run_id
 
 

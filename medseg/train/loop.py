@@ -309,7 +309,7 @@ def _fit(
     write_text(output_dir / "config.yaml", config.to_yaml())
     progress = trainer.progress
     with tracking.run(
-        config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}"
+        config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}", system_metrics=True
     ) as run_id:
         write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
         if progress.run_id is None:

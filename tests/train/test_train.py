@@ -33,6 +33,9 @@ def _history(folder: Path) -> list[dict[str, str]]:
 def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, make_config: Callable) -> None:
     root = tiny_dataset["root"]
     config = make_config(root, log_model=True)
+    config = config.model_copy(
+        update={"tracking": config.tracking.model_copy(update={"system_metrics_interval_s": 0.2})}
+    )
     out = root / "train"
     summary = run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)
     for name in ("model.pt", "last.pt", "history.tsv", "config.yaml", "plan.json", "run.json"):
@@ -54,6 +57,7 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     for key in ("train_loss", "learning_rate", "seconds_per_epoch", "samples_per_second"):
         assert len(client.get_metric_history(summary["run_id"], key)) == 2, key
     assert {"val_dice_organ_a", "val_dice_organ_b", "val_dice_mean"} <= set(metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
     assert tags["config_digest"] == config.digest() and len(tags["manifest_sha256"]) >= 12
     assert tags["git_commit"] and tags["stopped_by"] == "epochs"
     artifacts = {f.path for f in client.list_artifacts(summary["run_id"], "train")}
