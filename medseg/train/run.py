@@ -98,7 +98,7 @@ def run(
     device = select_device(config.train.device)
     cores = min(threads, usable_cores())
     torch_threads, workers = split_cores(cores, device.type, config.train.num_workers)
-    torch_threads = set_torch_threads(config.train.num_threads or torch_threads)
+    set_torch_threads(config.train.num_threads or torch_threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     if plan_path is None:
         plan_path = output_dir / "plan.json"
