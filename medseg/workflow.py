@@ -98,7 +98,10 @@ class Workflow:
     @classmethod
     def from_snakemake(cls, config: dict[str, Any], source: str = "Snakemake config") -> Workflow:
         wf = cls(validate_config(layered(dict(config)), source))
-        text = wf.config.to_yaml()
+        # the keys that were set (every key of configs/default.yaml, the demo's, the user's), not the model's
+        # defaults too: written out in full, augmentation values nobody set would read back as set, and the plan's
+        # preset (`light` on a CPU) would no longer replace them in the jobs that load this file
+        text = yaml.safe_dump(wf.config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
         path = wf.config_file
         if not path.exists() or path.read_text() != text:
             write_text(path, text)

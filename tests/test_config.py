@@ -49,3 +49,21 @@ def test_digest_changes_with_config_and_sections_are_independent() -> None:
     assert a.digest() != b.digest()
     assert a.section_digest("train") != b.section_digest("train")
     assert a.section_digest("resample") == b.section_digest("resample")
+
+
+def test_the_config_file_the_workflow_hands_its_jobs_keeps_the_plans_augmentation_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user config without augmentation keys: the jobs load results/config.yaml, and the plan's `light` preset
+    (CPU) must still replace nnU-Net's values there (written in full, every augmentation key read back as set)."""
+    from medseg.plan.functional import LIGHT_AUGMENT, resolve_augment
+    from medseg.workflow import Workflow
+
+    monkeypatch.chdir(tmp_path)
+    user = {"dataset": "own", "demo_data": {"enabled": False}, "paths": {"raw_dir": str(tmp_path)}}
+    workflow = Workflow.from_snakemake(user)
+    loaded = load_config(workflow.config_file)
+    assert loaded.digest() == workflow.config.digest()  # the same config
+    assert loaded.train.augment.model_fields_set == {"preset"}
+    light = resolve_augment(loaded.train.augment, "light")
+    assert light.rotation_deg == LIGHT_AUGMENT["rotation_deg"] and light.scale_range == LIGHT_AUGMENT["scale_range"]
