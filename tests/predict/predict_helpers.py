@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from fast_predict_config import fast_predict_config
 from pydicom.uid import MRImageStorage
 
 from medseg import models
@@ -24,20 +25,7 @@ CLASSES = ["tumour", "oedema"]
 
 def tiny_config(key_file: Path, **sections: dict) -> Config:
     """A config whose model is small and whose preprocessing is coarse, so that a 512 x 512 MR predicts fast."""
-    data = {
-        "classes": CLASSES,
-        "ingest": {"pseudonym_key_file": str(key_file)},
-        "resample": {"target_spacing_mm": [4.0, 4.0, 6.5], "normalization": "zscore"},
-        "train": {
-            "network": "unet",
-            "channels": [4, 8],
-            "strides": [2],
-            "num_res_units": 0,
-            "patch_size_vox": [32, 32, 8],
-        },
-        "infer": {"device": "cpu", "overlap": 0.25, "sw_batch_size": 8},
-        **sections,
-    }
+    data = {**fast_predict_config(CLASSES, key_file), **sections}
     return Config.model_validate(data)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import torch
 import yaml
+from fast_predict_config import fast_predict_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -47,19 +48,7 @@ MPEG2 = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile / Main Level: no decoder
 
 def config_data(key_file: Path) -> dict[str, Any]:
     """A config whose model is tiny and whose preprocessing is coarse (as the predict tests' ``tiny_config``)."""
-    return {
-        "classes": CLASSES,
-        "ingest": {"pseudonym_key_file": str(key_file)},
-        "resample": {"target_spacing_mm": [4.0, 4.0, 6.5], "normalization": "zscore"},
-        "train": {
-            "network": "unet",
-            "channels": [4, 8],
-            "strides": [2],
-            "num_res_units": 0,
-            "patch_size_vox": [32, 32, 8],
-        },
-        "infer": {"device": "cpu", "overlap": 0.25, "sw_batch_size": 8},
-    }
+    return fast_predict_config(CLASSES, key_file)
 
 
 def write_config(folder: Path) -> Path:
