@@ -9,6 +9,10 @@ WF = Workflow.from_snakemake(config)
 CFG = str(WF.config_file)
 
 
+onstart:
+    WF.check_tracking()  # a tracking server that does not answer stops the run before any job starts
+
+
 include: "pipelines/demo_data.smk"
 include: "pipelines/ingest.smk"
 include: "pipelines/plan.smk"

@@ -138,17 +138,27 @@ def _resample(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg import distributed
     from medseg.train.run import run
 
-    summary = run(
-        cfg,
-        Path(args.manifest),
-        Path(args.resample_dir),
-        Path(args.output_dir),
-        threads=args.threads,
-        plan_path=Path(args.plan) if args.plan else None,
-        fold=args.fold,
-    )
+    nproc = distributed.processes(cfg.train.processes)
+    if nproc > 1 and not distributed.launched().active:
+        distributed.relaunch(sys.argv[1:], nproc)  # DDP: this process becomes torchrun
+
+    try:
+        summary = run(
+            cfg,
+            Path(args.manifest),
+            Path(args.resample_dir),
+            Path(args.output_dir),
+            threads=args.threads,
+            plan_path=Path(args.plan) if args.plan else None,
+            fold=args.fold,
+        )
+    finally:
+        distributed.stop()
+    if not distributed.launched().main:
+        return 0
     log.info("training done: best validation Dice %.4f, MLflow run %s", summary["best_val_dice"], summary["run_id"])
     return 0
 
@@ -243,6 +253,26 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg import tracking
+    from medseg.io import read_json
+    from medseg.train.run import model_name
+
+    name = args.name or model_name(cfg)
+    version = args.version or tracking.registered_version(cfg.tracking, read_json(Path(args.run_json))["run_id"], name)
+    tracking.set_alias(cfg.tracking, name, version, args.alias)
+    log.info("models:/%s@%s is now version %s", name, args.alias, version)
+    return 0
+
+
+def _check_tracking(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg import tracking
+
+    tracking.check_reachable(cfg.tracking)
+    log.info("MLflow tracking at %s answers", tracking.safe_uri(cfg.tracking.uri))
+    return 0
+
+
 def _predict(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.predict.run import run, write_series_list
 
@@ -252,7 +282,7 @@ def _predict(cfg: Config, args: argparse.Namespace) -> int:
         log.info("%d eligible series listed in %s", len(jobs), Path(args.output) / "series.tsv")
         return 0
     if not args.model:
-        raise MedsegError("medseg predict needs --model (a checkpoint, an MLflow run id or a runs:/ URI)")
+        raise MedsegError("medseg predict needs --model (a checkpoint, an MLflow run id, a runs:/ or models:/ URI)")
 
     from medseg.device import set_torch_threads
 
@@ -393,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients could not be scored")
 
     p = command("predict", _predict, "new scans in; per eligible series a NIfTI, a DICOM-SEG and a QC picture out")
-    p.add_argument("--model", default=None, help="checkpoint file, MLflow run id, or runs:/<run id>/train/model.pt")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint file, MLflow run id, runs:/<run id>/train/model.pt, or a registered model: "
+        "models:/<name>@champion (downloaded once, checksum verified) or models:/<name>/<version>",
+    )
     p.add_argument("--input", required=True, help="folder of DICOM series (any layout) and/or NIfTI files")
     p.add_argument("--output", required=True)
     p.add_argument("--series-id", action="append", default=None, help="only this series (repeatable)")
@@ -419,6 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, help="folder of <patient_id>.nii.gz, for the QC pictures")
     p.add_argument("--run-json", default=None, help="run.json of training: log the report into its MLflow run")
 
+    p = command(
+        "promote",
+        _promote,
+        "after review: point a registry alias (champion) at a model version, the one `predict --model "
+        "models:/<name>@champion` then uses",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-json", default=None, help="run.json of the reviewed training: the version it registered")
+    which.add_argument("--version", default=None, help="the model version to promote")
+    p.add_argument("--name", default=None, help="registered model name (default: tracking.model_name)")
+    p.add_argument("--alias", default="champion")
+
+    command("check-tracking", _check_tracking, "fail unless the configured MLflow tracking backend answers")
     command("check-config", _check_config, "validate a config and print it fully resolved")
     return parser
 

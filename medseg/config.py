@@ -154,9 +154,11 @@ class AugmentConfig(_Section):
 class TrainConfig(_Section):
     """Training. Keys left ``null`` are resolved from the data plan (``plan.json``); a value here overrides it."""
 
-    network: Literal["auto", "dynunet", "unet", "segresnet"] = Field(
+    network: Literal["auto", "dynunet", "unet", "segresnet", "deeplab", "swin_unetr", "unetr"] = Field(
         "auto",
-        description="auto: the plan picks dynunet (nnU-Net's) on a GPU, MONAI's residual unet on a CPU (faster there)",
+        description="auto: the plan picks dynunet (nnU-Net's) on a GPU, MONAI's residual unet on a CPU (faster "
+        "there); deeplab: atrous encoder + ASPP head; swin_unetr / unetr: MONAI's transformer encoders (the patch "
+        "is rounded up to a multiple of 32 / 16)",
     )
     spatial_dims: Literal[2, 3] = Field(3, description="2: the network sees XY slices (patch Z must be 1)")
     channels: tuple[int, ...] | None = Field(None, description="features per level; null: from the plan")
@@ -181,6 +183,12 @@ class TrainConfig(_Section):
     schedule: Literal["poly", "cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of the run")
     grad_clip_norm: float | None = Field(12.0, gt=0)
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="validate and keep an exponential moving average of the weights (e.g. 0.999); null: off",
+    )
     amp: bool = Field(
         True,
         description="mixed precision: float16 on CUDA, bfloat16 on a CPU with native bf16 (AMX / AVX512-BF16), "
@@ -215,6 +223,11 @@ class TrainConfig(_Section):
     num_workers: int | None = Field(
         None, ge=0, description="processes drawing and augmenting batches (0: the training process); null: by cores"
     )
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="DDP training processes on this node (torchrun): auto = one per visible CUDA device; on a CPU "
+        "a number > 1 runs gloo processes (for tests); the global batch is split over them",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -238,7 +251,7 @@ class Recipe(TrainConfig):
     """A train section the plan resolved (:func:`medseg.plan.functional.resolve_train`): the network, its levels,
     the patch, the batch and the budget are all set. Training takes a recipe, so nothing downstream is optional."""
 
-    network: Literal["dynunet", "unet", "segresnet"]
+    network: Literal["dynunet", "unet", "segresnet", "deeplab", "swin_unetr", "unetr"]
     channels: tuple[int, ...]
     strides: Strides
     kernel_sizes: Strides
@@ -335,8 +348,23 @@ class ClassPostprocessConfig(_Section):
     fill_holes: bool | None = None
 
 
+class CrfConfig(_Section):
+    """Mean-field CRF refinement of the probabilities with the image (medseg.postprocess.crf), inside ``infer``
+    before the argmax (the probabilities exist only there)."""
+
+    enabled: bool = False
+    iterations: int = Field(5, ge=1)
+    window_vox: int = Field(2, ge=1, le=4, description="neighbours within this many voxels per axis exchange messages")
+    weight: float = Field(2.0, gt=0, description="pairwise strength against the network's log-probabilities")
+    spatial_sigma_mm: float = Field(3.0, gt=0, description="appearance kernel: spatial scale")
+    intensity_sigma: float = Field(0.5, gt=0, description="appearance kernel: intensity scale (normalised units)")
+    smoothness_sigma_mm: float = Field(1.5, gt=0, description="smoothness kernel: spatial scale")
+    smoothness_share: float = Field(0.3, ge=0, le=1, description="share of the smoothness kernel in the pairwise term")
+
+
 class PostprocessConfig(_Section):
-    """Connected-component clean-up, applied in this order: small components, largest N, holes."""
+    """Connected-component clean-up, applied in this order: small components, largest N, holes; and the optional
+    CRF refinement of the probabilities (applied by ``infer``)."""
 
     min_component_mm3: float = Field(50.0, ge=0.0, description="components smaller than this become background")
     keep_largest_n: int = Field(0, ge=0, description="keep the N largest components of a class; 0 keeps all")
@@ -349,12 +377,20 @@ class PostprocessConfig(_Section):
         description="workflow: decide keep-largest per class from the validation patients' predictions (nnU-Net's "
         "rule: only where the mean Dice improves and no class gets worse); the decision is postprocess/decision.json",
     )
+    crf: CrfConfig = CrfConfig()
 
 
 class EvaluateConfig(_Section):
     boundary_tolerance_mm: float = Field(2.0, gt=0.0, description="tolerance of boundary F1")
     surface_dice_tolerance_mm: float = Field(2.0, gt=0.0, description="tolerance of normalised surface Dice")
     hausdorff_percentile: float = Field(95.0, gt=0.0, le=100.0, description="95 gives HD95")
+    instance_iou_threshold: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="lesion-wise detection: a reference instance (connected component) is found, a predicted one "
+        "true, when an instance of the other side overlaps it with at least this IoU",
+    )
 
 
 class CodeConfig(_Section):
@@ -412,8 +448,16 @@ class ReportConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str = Field("sqlite:///results/mlflow.db", description="MLflow tracking URI: a SQLite file or a server")
-    artifact_dir: Path = Field(Path("results/mlartifacts"), description="artifact root for a new experiment")
+    uri: str = Field(
+        "sqlite:///results/mlflow.db",
+        description="MLflow tracking URI: a SQLite file or a server (http://host:5000); never credentials: a "
+        "server's come from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD",
+    )
+    artifact_dir: Path = Field(
+        Path("results/mlartifacts"),
+        description="artifact root for a new experiment with a local store (a server uses its own, unless this is "
+        "a URI such as s3://...)",
+    )
     experiment: str = "medseg"
     system_metrics_interval_s: float | None = Field(
         10.0,
@@ -421,6 +465,22 @@ class TrackingConfig(_Section):
         description="training runs sample CPU, memory, disk (GPU with nvidia-ml-py) as system/* metrics "
         "every this many seconds (MLflow's system metrics); null: off",
     )
+    register_model: bool = Field(
+        True, description="a finished training (or fold ensemble) registers its model.pt as a new model version"
+    )
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name; null: medseg-<dataset>"
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "tracking.uri must not hold credentials (user:password@host): a config is committed and logged; "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead"
+            )
+        return uri
 
 
 class Config(_Section):
@@ -489,6 +549,8 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> Config:
             key = ".".join(str(p) for p in e["loc"]) or "<top level>"
             if e["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}'")
+            elif key == "tracking.uri":  # may hold a password: never echoed
+                problems.append(f"key '{key}': {e['msg']}")
             else:
                 problems.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
         raise ConfigError(f"invalid config {source}: " + "; ".join(problems)) from err

@@ -31,6 +31,10 @@ class ModelLoadError(MedsegError):
     """A model file is missing, unreadable, or not a plain-data medseg checkpoint (never unpickled as code)."""
 
 
+class TrackingError(MedsegError):
+    """The MLflow tracking server or model registry cannot be reached or refused a request."""
+
+
 MAX_REASON_CHARS = 500
 
 

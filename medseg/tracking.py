@@ -8,17 +8,24 @@ writes its id to ``run.json``; later stages (``evaluate``) log into the same run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
+import re
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,21 @@ def _uri(config: TrackingConfig) -> str:
     return uri
 
 
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
 def _experiment_id(config: TrackingConfig) -> str:
     mlflow.set_tracking_uri(_uri(config))
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if "://" not in str(config.artifact_dir):
+    if "://" in str(config.artifact_dir):
+        location = str(config.artifact_dir)  # e.g. s3://bucket/medseg
+    elif not _is_server(config.uri):
+        # a local store keeps artifacts in a local folder; a server keeps them where it was told
+        # (--artifacts-destination, uploaded through it), so the cluster's nodes need no shared artifact folder
         config.artifact_dir.mkdir(parents=True, exist_ok=True)
         location = config.artifact_dir.resolve().as_uri()
     return mlflow.create_experiment(config.experiment, artifact_location=location)
@@ -161,3 +176,154 @@ def log_pytorch_model(model: Any, input_example: Any, output_example: Any, name:
         input_example=input_example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
     )
+
+
+# --- the model registry: the hand-off from a reviewed training run to batch inference -------------------------------
+
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+MODEL_SHA256_TAG = "model_sha256"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """One version of a registered model: where its ``model.pt`` comes from and what it must hash to."""
+
+    name: str
+    version: str
+    run_id: str
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        """How outputs name the model: ``<name> v<version>``."""
+        return f"{self.name} v{self.version}"
+
+
+def register_model(
+    config: TrackingConfig, run_id: str, name: str, checkpoint: Path, tags: Mapping[str, str]
+) -> RegisteredModel:
+    """Register the run's ``train/`` artifacts (``model.pt``) as a new version of ``name``; the version is tagged
+    with the checkpoint's SHA-256 (checked by :func:`resolve_registered`) and ``tags`` (metrics, manifest digest).
+    """
+    mlflow_client = client(config)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(name, description="medseg segmentation model (model.pt in train/)")
+    sha = file_sha256(checkpoint)
+    version = mlflow_client.create_model_version(
+        name, f"runs:/{run_id}/train", run_id=run_id, tags={MODEL_SHA256_TAG: sha, **tags}
+    )
+    log.info("registered the model as %s version %s", name, version.version)
+    return RegisteredModel(name, str(version.version), run_id, sha)
+
+
+def set_alias(config: TrackingConfig, name: str, version: str, alias: str) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` (moving the alias from any other version).
+
+    Raises:
+        MedsegError: no such model version, or the registry cannot be reached.
+    """
+    try:
+        client(config).get_model_version(name, version)
+        client(config).set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        raise MedsegError(f"cannot set alias {alias} on {name} version {version}: {err.message}") from err
+
+
+def registered_version(config: TrackingConfig, run_id: str, name: str) -> str:
+    """The version of ``name`` registered from run ``run_id`` (the newest, if several).
+
+    Raises:
+        MedsegError: the run registered no version of ``name``.
+    """
+    versions = client(config).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        raise MedsegError(f"run {run_id} registered no version of model {name}")
+    return str(max(int(v.version) for v in versions))
+
+
+def resolve_registered(config: TrackingConfig, uri: str) -> RegisteredModel:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> the version it names now.
+
+    Raises:
+        MedsegError: a malformed URI, an unknown model, alias or version, or an unreachable registry.
+    """
+    match = REGISTRY_URI.match(uri)
+    if match is None:
+        raise MedsegError(f"--model {uri}: a registry model is models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        found = (
+            client(config).get_model_version_by_alias(name, alias)
+            if alias
+            else client(config).get_model_version(name, version)
+        )
+    except MlflowException as err:
+        raise MedsegError(f"--model {uri}: not found in the registry at {safe_uri(config.uri)}: {err.message}") from err
+    sha = found.tags.get(MODEL_SHA256_TAG)
+    if not sha or not found.run_id:
+        raise MedsegError(f"--model {uri}: version {found.version} was not registered by medseg (no checksum tag)")
+    return RegisteredModel(name, str(found.version), found.run_id, sha)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_dataset(manifest: Path, name: str, digest: str) -> None:
+    """The data manifest as the run's MLflow dataset input (context ``training``): the dashboard's Datasets column."""
+    import pandas as pd
+    from mlflow.data import from_pandas
+
+    frame = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways": a local file
+        dataset = from_pandas(frame, source=str(manifest), name=name, digest=digest[:16])
+    mlflow.log_input(dataset, context="training")
+
+
+# --- reaching a tracking server ----------------------------------------------------------------------------------
+
+
+def safe_uri(uri: str) -> str:
+    """``uri`` without a password (for messages and logs)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(config: TrackingConfig, timeout_s: float = 10.0) -> None:
+    """Fail fast when the tracking backend cannot be reached (a server down, a wrong URI, refused credentials),
+    before a workflow spends hours on work it could not record. Local SQLite and file stores always pass.
+
+    Raises:
+        TrackingError: the backend did not answer a one-experiment search within ``timeout_s`` (no retries).
+    """
+    uri = config.uri
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # MlflowException, connection and database errors alike
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server tracking.uri={safe_uri(uri)}: {type(err).__name__}: "
+            f"{safe_uri(first)}. Start it (see README, 'A team MLflow server'), or fix tracking.uri; credentials "
+            "come from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+        ) from err
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -107,6 +107,15 @@ class Workflow:
             write_text(path, text)
         return wf
 
+    def check_tracking(self) -> None:
+        """Raise :class:`medseg.errors.TrackingError` when ``tracking.uri`` names a server that does not answer."""
+        uri = self.config.tracking.uri
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            return  # a local store: nothing to reach (and no mlflow import in Snakemake's process)
+        from medseg.tracking import check_reachable
+
+        check_reachable(self.config.tracking)
+
     @property
     def results(self) -> Path:
         return self.config.paths.results_dir

@@ -173,7 +173,11 @@ def _written(value: object) -> tuple[str, ...]:
 
 
 def build_segmentation(
-    label: Label, frames: Sequence[Frame], classes: Sequence[str], config: PredictConfig
+    label: Label,
+    frames: Sequence[Frame],
+    classes: Sequence[str],
+    config: PredictConfig,
+    model_label: str | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY DICOM-SEG of ``label`` referencing the source frames.
 
@@ -182,6 +186,8 @@ def build_segmentation(
         frames: the series' frames in slice order (:func:`source_frames`).
         classes: foreground class names; label value ``i`` is ``classes[i - 1]``.
         config: segment names, colours and codes; series number and description.
+        model_label: the registered model version (``<name> v<version>``): then the second SoftwareVersions value,
+            the ContentCreatorName (``medseg^<label>``) and the end of the SeriesDescription (64 characters at most).
 
     Returns:
         The Segmentation (not yet written). Empty frames are left out, except when every frame is empty: then
@@ -204,13 +210,22 @@ def build_segmentation(
         instance_number=1,
         manufacturer=config.manufacturer,
         manufacturer_model_name="medseg predict",
-        software_versions=medseg.__version__,
+        software_versions=(medseg.__version__, model_label) if model_label else medseg.__version__,
         device_serial_number="0",
-        series_description=config.seg_series_description,
+        series_description=_described(config.seg_series_description, model_label),
+        content_creator_name=f"medseg^{model_label}"[:64] if model_label else None,
         content_label="SEGMENTATION",
         content_description="automatic segmentation by medseg",
         omit_empty_frames=True,
     )
+
+
+def _described(description: str, model_label: str | None) -> str:
+    """The series description, ending with the model version when there is one (DICOM LO: 64 characters)."""
+    if not model_label:
+        return description
+    suffix = f" [{model_label}]"
+    return description[: max(0, 64 - len(suffix))] + suffix[:64]
 
 
 def write_segmentation(seg: hd.seg.Segmentation, path: Path) -> Path:

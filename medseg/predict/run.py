@@ -12,7 +12,8 @@ named by a pseudonymised series id ``<subject_id>_<series key>`` (both keyed has
 * ``qc/<series_id>.png``: a few axial slices with the contours;
 * ``records/<series_id>.json``: written last; a series whose record says ``done`` for the same model and
   settings, and whose outputs exist, is skipped by a rerun (resume);
-* ``summary.tsv``, ``summary.json`` and ``failures.tsv`` for the whole folder.
+* ``summary.tsv``, ``summary.json``, ``failures.tsv`` and ``instances.tsv`` (each class's connected components,
+  largest first, with their volumes) for the whole folder.
 
 With ``name_after_input``, a NIfTI input's outputs are named after its file instead (nnU-Net's habit:
 ``case_017_0000.nii.gz`` -> ``nifti/case_017.nii.gz``); DICOM outputs stay pseudonymised.
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,11 +50,12 @@ import numpy as np
 from medseg import contract as model_contract
 from medseg import tracking
 from medseg.config import Config
-from medseg.errors import ConfigError, GeometryError, MedsegError, one_line_reason
+from medseg.errors import ConfigError, GeometryError, MedsegError, ModelLoadError, one_line_reason
 from medseg.ingest.dicom import read_series
 from medseg.ingest.discover import discover, rank_series
 from medseg.ingest.pseudonym import Redactor, debug_traceback, load_or_create_key, pseudonym
 from medseg.io import read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
+from medseg.metrics import instance_volumes
 from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
 from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
@@ -184,16 +187,31 @@ def _name_after_input(
     return kept, failures
 
 
-def resolve_model(reference: str, config: Config, cache_dir: Path) -> Path:
-    """The local checkpoint named by ``--model``: a file, an MLflow run id (its ``train/model.pt``) or a URI.
+@dataclass(frozen=True)
+class ModelSource:
+    """The local checkpoint ``--model`` named, and the registry version it came from (if it came from one)."""
+
+    path: Path
+    registered: tracking.RegisteredModel | None = None
+
+
+def resolve_model(reference: str, config: Config, cache_dir: Path) -> ModelSource:
+    """The local checkpoint named by ``--model``: a file, an MLflow run id (its ``train/model.pt``), a registry
+    model (``models:/<name>@<alias>`` or ``models:/<name>/<version>``) or another MLflow URI.
+
+    A registry model is downloaded once per version into ``cache_dir/<name>-v<version>/`` (atomically, so parallel
+    per-series jobs may race), and its SHA-256 is checked against the version's tag at every use.
 
     Raises:
         ConfigError: ``reference`` is none of these, or the artifact holds no ``model.pt``.
+        ModelLoadError: a registry model's bytes do not match its registered checksum.
         MedsegError: MLflow cannot deliver the artifact.
     """
     path = Path(reference)
     if path.is_file():
-        return path
+        return ModelSource(path)
+    if reference.startswith("models:/"):
+        return _registry_model(reference, config, cache_dir)
     destination = cache_dir / hashlib.sha256(reference.encode()).hexdigest()[:12]
     if RUN_ID.match(reference):
         local = tracking.download_artifact(config.tracking, destination, run_id=reference, artifact_path=MODEL_ARTIFACT)
@@ -208,7 +226,30 @@ def resolve_model(reference: str, config: Config, cache_dir: Path) -> Path:
         if not found:
             raise ConfigError(f"--model {reference}: the artifact folder holds no model.pt")
         local = found[0]
-    return local
+    return ModelSource(local)
+
+
+def _registry_model(reference: str, config: Config, cache_dir: Path) -> ModelSource:
+    registered = tracking.resolve_registered(config.tracking, reference)
+    final = cache_dir / f"{registered.name}-v{registered.version}" / "model.pt"
+    if not final.exists():
+        staging = cache_dir / f".download-{os.getpid()}-{registered.name}-v{registered.version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        local = tracking.download_artifact(
+            config.tracking, staging, run_id=registered.run_id, artifact_path=MODEL_ARTIFACT
+        )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, final)  # whole files only; a racing job's identical copy may win, which is fine
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("downloaded %s (models:/%s/%s)", registered.label, registered.name, registered.version)
+    actual = tracking.file_sha256(final)
+    if actual != registered.sha256:
+        raise ModelLoadError(
+            f"--model {reference}: the downloaded model.pt of {registered.label} has SHA-256 {actual[:12]}..., the "
+            f"registry says {registered.sha256[:12]}...: refusing it (delete {final.parent} to download it again)"
+        )
+    log.info("model %s (%s), checksum verified", registered.label, reference)
+    return ModelSource(final, registered)
 
 
 def model_identity(checkpoint: Path, config: Config) -> str:
@@ -271,6 +312,7 @@ def predict_series(
     contract: dict[str, Any] | None = None,
     record: dict[str, Any] | None = None,
     allow_any_modality: bool = False,
+    model_label: str | None = None,
 ) -> dict[str, Any]:
     """Predict one series and write its outputs, all or nothing; returns the non-identifying facts for the summary.
 
@@ -286,6 +328,7 @@ def predict_series(
         contract: the model's contract (:mod:`medseg.contract`); None or empty: no checks.
         record: the series' record to commit with the outputs (it gets the facts and status ``done``).
         allow_any_modality: predict a modality the contract does not name (flagged instead of skipped).
+        model_label: the registry version (``<name> v<version>``), written into the DICOM-SEG.
 
     Returns:
         ``empty``, ``volume_ml`` per class, ``flags`` (contract), ``seconds`` and the ``outputs`` relative to
@@ -305,7 +348,7 @@ def predict_series(
         if early.skip_reason is not None:
             raise ContractRefusedError(early.skip_reason)
         return _predict_and_commit(
-            job, predictor, classes, config, output_dir, contract, record, allow_any_modality, files, start
+            job, predictor, classes, config, output_dir, contract, record, allow_any_modality, files, start, model_label
         )
     except Exception:
         for path in files.values():
@@ -326,6 +369,7 @@ def _predict_and_commit(
     allow_any_modality: bool,
     files: dict[str, Path],
     start: float,
+    model_label: str | None,
 ) -> dict[str, Any]:
     frames = None
     window = None
@@ -355,7 +399,7 @@ def _predict_and_commit(
         write_volume(label, stage.path(files["nifti"]))
         if frames is not None:
             try:
-                seg = build_segmentation(label, frames, classes, config.predict)
+                seg = build_segmentation(label, frames, classes, config.predict, model_label)
             except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
                 raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
             write_segmentation(seg, stage.path(files["dicom_seg"]))
@@ -374,6 +418,11 @@ def _predict_and_commit(
         result = {
             "empty": not bool(label.array.any()),
             "volume_ml": dict(zip(classes, volumes, strict=True)),
+            # each class's connected components (lesion 1, 2, ... largest first) and their volumes
+            "instances_ml": {
+                c: [round(v / 1000.0, 4) for v in instance_volumes(label.array[0] == i, label.spacing)]
+                for i, c in enumerate(classes, start=1)
+            },
             "flags": list(verdict.flags),
             "seconds": round(time.perf_counter() - start, 2),
             "outputs": {k: str(p.relative_to(output_dir)) for k, p in files.items()},
@@ -394,7 +443,9 @@ def job_source(job: SeriesJob, root: Path) -> str:
 def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per series for ``summary.tsv`` and its columns."""
     volume_columns = [f"volume_ml_{c}" for c in classes]
-    columns = [*PLAN_COLUMNS, "status", "empty", *volume_columns, "seconds", "nifti", "dicom_seg", "qc", "flags"]
+    count_columns = [f"n_instances_{c}" for c in classes]
+    columns = [*PLAN_COLUMNS, "status", "empty", *volume_columns, *count_columns, "seconds", "nifti", "dicom_seg"]
+    columns += ["qc", "flags"]
     columns.append("reason")
     rows = []
     for r in records:
@@ -402,6 +453,8 @@ def summary_rows(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> t
         row["empty"] = "" if r.get("empty") is None else str(bool(r["empty"])).lower()
         row["flags"] = "; ".join(r.get("flags") or [])
         row.update({f"volume_ml_{c}": r.get("volume_ml", {}).get(c) for c in classes})
+        found = r.get("instances_ml")
+        row.update({f"n_instances_{c}": len(found.get(c, [])) if found is not None else None for c in classes})
         row.update({k: r.get("outputs", {}).get(k, "") for k in ("nifti", "dicom_seg", "qc")})
         rows.append(row)
     return rows, columns
@@ -428,7 +481,8 @@ def run(
 
     Args:
         config: the live config.
-        model: checkpoint path, MLflow run id or ``runs:/`` URI (see :func:`resolve_model`).
+        model: checkpoint path, MLflow run id, ``models:/<name>@<alias>`` or ``runs:/`` URI (see
+            :func:`resolve_model`); a registry model's name and version go into every record and DICOM-SEG.
         input_dir: the scans.
         output_dir: where outputs go (see the module docstring).
         series_ids: only these series (the workflow's per-series jobs); the summary files are then not written.
@@ -456,8 +510,10 @@ def run(
     # Temporaries of a killed earlier run; a per-series job only clears its own series' (others may be running).
     folders = [output_dir, *(output_dir / f for f in OUTPUT_FOLDERS)]
     remove_partials(folders, None if series_ids is None else [j.stem for j in jobs])
-    checkpoint = resolve_model(model, config, output_dir / ".model")
+    source = resolve_model(model, config, output_dir / ".model")
+    checkpoint, registered = source.path, source.registered
     model_id = model_identity(checkpoint, config)
+    provenance = {"model_name": registered.name, "model_version": registered.version} if registered else {}
     state: dict[str, Any] = {}
 
     def predictor(image: Image) -> Any:
@@ -487,10 +543,18 @@ def run(
         if unknown_segments:
             raise ConfigError(f"predict.segments names {unknown_segments}, which are not the model's classes {classes}")
     for job in track(pending, "predict", len(pending)):
-        record: dict[str, Any] = {**job.row(), "model_id": model_id}
+        record: dict[str, Any] = {**job.row(), "model_id": model_id, **provenance}
         try:
             facts = predict_series(
-                job, predictor, classes, config, output_dir, contract, record, allow_any_modality=allow_any_modality
+                job,
+                predictor,
+                classes,
+                config,
+                output_dir,
+                contract,
+                record,
+                allow_any_modality=allow_any_modality,
+                model_label=registered.label if registered else None,
             )
             record.update(facts, status="done")  # the record itself was committed with the outputs
             result.predicted += 1
@@ -527,6 +591,13 @@ def _classes_of(records: Sequence[dict[str, Any]]) -> list[str]:
 def _write_summary(result: PredictResult, classes: Sequence[str], output_dir: Path) -> None:
     rows, columns = summary_rows(result.records, classes)
     write_tsv(output_dir / "summary.tsv", rows, columns)
+    instance_rows = [
+        {"series_id": r["series_id"], "class": c, "instance": k, "volume_ml": v}
+        for r in result.records
+        for c, volumes in (r.get("instances_ml") or {}).items()
+        for k, v in enumerate(volumes, start=1)
+    ]
+    write_tsv(output_dir / "instances.tsv", instance_rows, ["series_id", "class", "instance", "volume_ml"])
     write_tsv(output_dir / "failures.tsv", result.failures, ["series_id", "source", "reason"])
     ok = [r for r in result.records if r["status"] in ("done", "predicted")]
     write_json(

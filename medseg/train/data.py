@@ -115,16 +115,17 @@ class PatchBatches(Dataset):
 
 
 class EpochIndices(Sampler):
-    """Yields ``(epoch, 0) ... (epoch, iterations - 1)`` for the epoch set last (:meth:`set_epoch`)."""
+    """Yields ``(epoch, 0) ... (epoch, iterations - 1)`` for the epoch set last (:meth:`set_epoch`); with ``world``
+    training processes, rank ``r`` draws part ``i * world + r`` of global step ``i`` (no two ranks the same)."""
 
-    def __init__(self, iterations: int) -> None:
-        self.iterations, self.epoch = iterations, 1
+    def __init__(self, iterations: int, rank: int = 0, world: int = 1) -> None:
+        self.iterations, self.epoch, self.rank, self.world = iterations, 1, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in range(self.iterations)])
+        return iter([(self.epoch, i * self.world + self.rank) for i in range(self.iterations)])
 
     def __len__(self) -> int:
         return self.iterations
@@ -134,12 +135,23 @@ class BatchLoader:
     """The batches of each epoch, drawn by ``workers`` processes (0: in this process).
 
     ``for batch in loader.epoch(e)`` yields the ``iterations_per_epoch`` batches of epoch ``e`` in order; stopping
-    early (a time budget) is allowed. :meth:`close` stops the workers.
+    early (a time budget) is allowed. :meth:`close` stops the workers. With ``world`` DDP processes each rank draws
+    ``batch_size // world`` patches per step (its share of the global batch, as nnU-Net splits it over GPUs).
     """
 
-    def __init__(self, items: list[dict[str, Any]], cfg: Recipe, workers: int, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        items: list[dict[str, Any]],
+        cfg: Recipe,
+        workers: int,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if world > 1:
+            cfg = cfg.model_copy(update={"batch_size": max(1, cfg.batch_size // world)})
         self.dataset = PatchBatches(items, cfg)
-        self.indices = EpochIndices(cfg.iterations_per_epoch)
+        self.indices = EpochIndices(cfg.iterations_per_epoch, rank, world)
         self.workers = workers
         self.loader = DataLoader(
             self.dataset,

@@ -7,11 +7,13 @@ state, history and MLflow run id, and ``fit`` continues from it when it finds on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medseg import tracking
 from medseg.config import Config, Recipe, TrainConfig, recipe_of
 from medseg.device import ThreadTuner
+from medseg.distributed import SINGLE, Ranks
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, write_json, write_text, write_tsv
 from medseg.models import load_checkpoint, load_state, save_checkpoint
@@ -161,7 +166,8 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
         ConfigError: the config's train section is not resolved by a plan.
     """
     patch = recipe_of(config.train).patch_size_vox
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    # compute_dice per case, not DiceMetric: its aggregate all-gathers over DDP ranks, and only rank 0 validates
+    scores = []
     n = config.num_classes
     infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
     for item in items:
@@ -169,9 +175,12 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
         pred = torch.as_tensor(probs.array.argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
         true = torch.as_tensor(np.asarray(item["label"][0])).long().clamp(0, n - 1)
-        metric(onehot_pred, torch.nn.functional.one_hot(true, n).movedim(-1, 0)[None])
+        onehot_true = torch.nn.functional.one_hot(true, n).movedim(-1, 0)[None]
+        scores.append(compute_dice(onehot_pred, onehot_true, include_background=False, ignore_empty=True)[0].numpy())
     model.train()
-    return metric.aggregate().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class empty in every case: NaN, as DiceMetric gives
+        return np.nanmean(np.stack(scores), axis=0)
 
 
 @dataclass
@@ -218,6 +227,7 @@ def _save_last(
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,
     scaler: torch.amp.GradScaler,
+    ema: AveragedModel | None = None,
 ) -> None:
     state = {
         "version": CHECKPOINT_VERSION,
@@ -230,6 +240,7 @@ def _save_last(
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "rng": {
             "torch": torch.get_rng_state(),
             "numpy": _numpy_state(),
@@ -269,6 +280,7 @@ def fit(
     artifacts: list[tuple[Path, str]] | None = None,
     info: ModelInfo | None = None,
     workers: int = 0,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Train (or resume) and write ``model.pt`` (best), ``last.pt``, ``history.tsv``, ``run.json``.
 
@@ -284,6 +296,7 @@ def fit(
         artifacts: ``(path, artifact folder)`` logged at the end.
         info: the plan, the contract and the fold, written into ``model.pt``.
         workers: processes drawing the training batches (0: this process); see :func:`medseg.device.split_cores`.
+        ranks: this process's DDP rank (:func:`medseg.distributed.start`); rank 0 alone validates, writes and logs.
 
     Returns:
         ``{"run_id", "best_val_dice", "best_epoch", "epochs", "elapsed_s", "stopped"}``.
@@ -291,7 +304,7 @@ def fit(
     Raises:
         ConfigError: the config's train section is not resolved by a plan.
     """
-    trainer = Trainer(config, train_items, val_items, output_dir, device, identity, info or ModelInfo(), workers)
+    trainer = Trainer(config, train_items, val_items, output_dir, device, identity, info or ModelInfo(), workers, ranks)
     try:
         return _fit(trainer, params, tags, artifacts)
     finally:
@@ -306,20 +319,36 @@ def _fit(
 ) -> dict[str, Any]:
     config, output_dir, device = trainer.config, trainer.output_dir, trainer.device
     trainer.restore()
-    write_text(output_dir / "config.yaml", config.to_yaml())
-    progress = trainer.progress
-    with tracking.run(
-        config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}", system_metrics=True
+    progress, main = trainer.progress, trainer.ranks.main
+    if main:
+        write_text(output_dir / "config.yaml", config.to_yaml())
+    # one MLflow run, rank 0's; the other ranks log nothing
+    with (
+        tracking.run(
+            config.tracking, run_id=progress.run_id, run_name=f"{config.dataset}-{config.digest()}", system_metrics=True
+        )
+        if main
+        else contextlib.nullcontext(progress.run_id)
     ) as run_id:
-        write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
-        if progress.run_id is None:
-            progress.run_id = run_id
-            tracking.log_params(params or {"config": config.to_dict()})
-        tracking.set_tags({"config_digest": config.digest(), "device": str(device), **(tags or {})})
+        if main:
+            write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
+            if progress.run_id is None:
+                progress.run_id = run_id
+                tracking.log_params(params or {"config": config.to_dict()})
+            world = {"ddp_processes": str(trainer.ranks.world)} if trainer.ranks.active else {}
+            tracking.set_tags({"config_digest": config.digest(), "device": str(device), **world, **(tags or {})})
         trainer.session_start = time.perf_counter() - progress.elapsed_s
         while not progress.finished:
             trainer.epoch(progress.epoch + 1)
         trainer.finish(artifacts or [])
+    if trainer.ranks.active:
+        log.info(
+            "rank %d of %d trained to epoch %d; its last batches %s",
+            trainer.ranks.rank,
+            trainer.ranks.world,
+            progress.epoch,
+            trainer.batches_crc32,
+        )
     return {
         "run_id": run_id,
         "best_val_dice": progress.best,
@@ -343,10 +372,11 @@ class Trainer:
         identity: str,
         info: ModelInfo,
         workers: int = 0,
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.config, self.cfg = config, recipe_of(config.train)
         self.val_items, self.output_dir, self.device = val_items, output_dir, device
-        self.identity, self.info = identity, info
+        self.identity, self.info, self.ranks = identity, info, ranks
         configure_torch(self.cfg, device)
         output_dir.mkdir(parents=True, exist_ok=True)
         self.model = build_network(self.cfg, config.num_classes).to(device)
@@ -355,10 +385,23 @@ class Trainer:
         self.schedule = Schedule(self.optimizer, self.cfg)
         self.amp_dtype = amp_dtype(self.cfg, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.step_model = _compiled(self.model, self.cfg, device)  # shares the weights with self.model
-        # on a CPU, threads follow the measured step times (a busy machine); a deterministic run keeps its count
-        self.tuner = ThreadTuner(torch.get_num_threads() if device.type == "cpu" and not self.cfg.deterministic else 1)
-        self.loader = BatchLoader(train_items, self.cfg, workers, pin_memory=device.type == "cuda")
+        stepped = self.model
+        if ranks.active:  # gradients averaged over the ranks; rank 0's initial weights broadcast to all
+            stepped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step_model = _compiled(stepped, self.cfg, device)  # shares the weights with self.model
+        # torch's own EMA (swa_utils): validated and saved in place of the raw weights when train.ema_decay is set
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
+            if self.cfg.ema_decay and ranks.main
+            else None
+        )
+        # on a CPU, threads follow the measured step times (a busy machine); a deterministic run keeps its count, and
+        # so do DDP ranks (each step waits for the slowest rank, so a rank's own step time says little)
+        tune = device.type == "cpu" and not self.cfg.deterministic and not ranks.active
+        self.tuner = ThreadTuner(torch.get_num_threads() if tune else 1)
+        self.loader = BatchLoader(
+            train_items, self.cfg, workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world
+        )
         self.budget_s = 60.0 * self.cfg.max_minutes if self.cfg.max_minutes else math.inf
         self.progress = Progress()
         self.stopped = ""
@@ -372,6 +415,8 @@ class Trainer:
             self.schedule.apply()
             return
         self.model.load_state_dict(state["state_dict"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -409,33 +454,44 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.schedule.step(time.perf_counter() - self.session_start)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            # DDP: every rank follows the slowest one's clock, so the learning rates and the budget agree
+            elapsed = self.ranks.max(time.perf_counter() - self.session_start)
+            self.schedule.step(elapsed)
             losses.append(loss.detach())  # no device sync per step: read once per epoch
             samples += image.shape[0]
             now = time.perf_counter()
             self.tuner.record(now - last)
             last = now
-            if now - self.session_start >= self.budget_s:
+            if elapsed >= self.budget_s:
                 break
         values = torch.stack(losses).float().cpu().tolist()
         self.batches_crc32 = f"{crc:08x}"
         return values, samples, time.perf_counter() - start
 
+    @property
+    def kept_model(self) -> torch.nn.Module:
+        """The weights that are validated and saved: the moving average when ``train.ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model
+
     def validate_and_save(self, epoch: int, row: dict[str, Any], last_epoch: bool) -> None:
         """Validate when due (every ``val_every_epochs`` and at the end); keep ``model.pt`` the best so far."""
-        progress, path = self.progress, self.output_dir / "model.pt"
+        progress, path, model = self.progress, self.output_dir / "model.pt", self.kept_model
+        if not self.ranks.main:
+            return
         if not self.val_items:
-            _save_model(path, self.model, self.config, self.info, epoch, float("nan"))
+            _save_model(path, model, self.config, self.info, epoch, float("nan"))
             return
         if epoch % self.cfg.val_every_epochs != 0 and not last_epoch:
             return
-        dice = validate(self.model, self.val_items, self.config, self.device)
+        dice = validate(model, self.val_items, self.config, self.device)
         row["val_dice_mean"] = float(np.nanmean(dice))
         for name, value in zip(self.config.classes, dice, strict=True):
             row[f"val_dice_{name}"] = float(value)
         if row["val_dice_mean"] > progress.best:
             progress.best, progress.best_epoch, progress.stale = row["val_dice_mean"], epoch, 0
-            _save_model(path, self.model, self.config, self.info, epoch, progress.best)
+            _save_model(path, model, self.config, self.info, epoch, progress.best)
         else:
             progress.stale += 1
 
@@ -452,7 +508,7 @@ class Trainer:
             "train_loss": float(np.mean(losses)),
             "learning_rate": self.schedule.lr,
             "seconds_per_epoch": seconds,
-            "samples_per_second": samples / seconds,
+            "samples_per_second": samples * self.ranks.world / seconds,  # all ranks' (rank 0's loss)
             "torch_threads": torch.get_num_threads(),
             "batches_crc32": self.batches_crc32,
             "elapsed_minutes": progress.elapsed_s / 60.0,
@@ -460,8 +516,10 @@ class Trainer:
         self.validate_and_save(epoch, row, last_epoch)
         early = cfg.early_stopping_patience is not None and progress.stale >= cfg.early_stopping_patience
         progress.history.append(row)
-        progress.finished = last_epoch or early
+        progress.finished = self.ranks.decide(last_epoch or early)  # rank 0 validated: its decision holds
         self.stopped = "early stopping" if early else "time budget" if out_of_time else "epochs"
+        if not self.ranks.main:
+            return
         tracking.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "batches_crc32")}, step=epoch)
         _save_last(
             self.output_dir / "last.pt",
@@ -472,6 +530,7 @@ class Trainer:
             self.optimizer,
             self.schedule,
             self.scaler,
+            self.ema,
         )
         log.info(
             "epoch %d/%s loss %.4f lr %.2e%s (%.1f s, %.1f samples/s)",
@@ -485,7 +544,9 @@ class Trainer:
         )
 
     def finish(self, artifacts: list[tuple[Path, str]]) -> None:
-        """``history.tsv``, the stop reason, the artifacts and the MLflow pytorch model."""
+        """``history.tsv``, the stop reason, the artifacts and the MLflow pytorch model (rank 0)."""
+        if not self.ranks.main:
+            return
         out, history = self.output_dir, self.progress.history
         columns = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
         write_tsv(out / "history.tsv", history, columns)

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from medseg import tracking
+from medseg import distributed, tracking
 from medseg.config import Config
 from medseg.device import select_device, set_torch_threads, split_cores, usable_cores
-from medseg.errors import ConfigError, ManifestError
+from medseg.errors import ConfigError, ManifestError, MedsegError
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv
 from medseg.manifest import Entry, manifest_digest, read_manifest, select
 from medseg.models import load_checkpoint, save_checkpoint
@@ -95,14 +95,16 @@ def run(
         DeviceError: ``train.device: cuda`` without a CUDA device.
         ConfigError: no usable plan, or a fold outside it.
     """
-    device = select_device(config.train.device)
-    cores = min(threads, usable_cores())
+    ranks, device = distributed.start(select_device(config.train.device))
+    cores = max(1, min(threads, usable_cores()) // ranks.world)  # the job's cores, shared by its DDP ranks
     torch_threads, workers = split_cores(cores, device.type, config.train.num_workers)
     set_torch_threads(config.train.num_threads or torch_threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     if plan_path is None:
         plan_path = output_dir / "plan.json"
-        plan_stage(config, manifest_path, plan_path, cores)
+        if ranks.main:
+            plan_stage(config, manifest_path, plan_path, cores)
+        ranks.barrier()
     plan = load_plan(plan_path)
     resolved = plan.apply(config)
     if fold is None and plan.folds is not None:
@@ -130,7 +132,7 @@ def run(
     # MLflow params: the sections that ran (the plan's effective resample and train), the rest of the config,
     # and which keys the user set over the plan.
     params = {**resolved.to_dict(), "plan_overrides": plan.overrides or "none", "plan_fingerprint": plan.fingerprint}
-    return fit(
+    summary = fit(
         resolved,
         train_items,
         val_items,
@@ -148,7 +150,36 @@ def run(
         artifacts=[(plan_path, "plan"), (manifest_path, "manifest")],
         info=ModelInfo(plan=plan.model_dump(mode="json"), contract=plan.contract, fold=fold),
         workers=workers,
+        ranks=ranks,
     )
+    if ranks.main and fold is None:  # a fold's model is published as part of the ensemble
+        publish(config, summary, output_dir / "model.pt", manifest_path)
+    return summary
+
+
+def model_name(config: Config) -> str:
+    """The registered model's name: ``tracking.model_name`` or ``medseg-<dataset>``."""
+    return config.tracking.model_name or f"medseg-{config.dataset}"
+
+
+def publish(config: Config, summary: dict[str, Any], checkpoint: Path, manifest_path: Path | None) -> str | None:
+    """After training (rank 0): the data manifest as the run's MLflow dataset input, and ``model.pt`` registered as
+    a new version of :func:`model_name` (once per run: a rerun of a finished training registers nothing new), tagged
+    with the best validation Dice and the manifest digest. Returns the version, or None when registration is off."""
+    if not config.tracking.register_model:
+        return None
+    name, run_id = model_name(config), summary["run_id"]
+    try:
+        return tracking.registered_version(config.tracking, run_id, name)
+    except MedsegError:
+        pass  # not registered yet
+    tags = {"best_val_dice": f"{summary['best_val_dice']:.4f}", "dataset": config.dataset}
+    if manifest_path is not None:
+        digest = manifest_digest(manifest_path)
+        tags["manifest_sha256"] = digest
+        with tracking.run(config.tracking, run_id=run_id):
+            tracking.log_dataset(manifest_path, f"{config.dataset}-manifest", digest)
+    return tracking.register_model(config.tracking, run_id, name, checkpoint, tags).version
 
 
 def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
@@ -185,5 +216,7 @@ def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
         )
         tracking.log_artifact(path, "train")
         write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})
+    mean_val = sum(float(m["val_dice"]) for m in members) / len(members)
+    publish(config, {"run_id": run_id, "best_val_dice": mean_val}, path, None)
     log.info("ensemble of %d fold model(s) written to %s (MLflow run %s)", len(members), path, run_id)
     return path

@@ -14,6 +14,7 @@ from predict_helpers import CLASSES, assert_dciodvfy_ok, save_checkpoint, tiny_c
 
 from medseg import cli
 from medseg.config import Config
+from medseg.errors import MedsegError, ModelLoadError
 from medseg.io import read_tsv, read_volume
 from medseg.predict import run as predict_run
 from medseg.volume import Image, Label
@@ -167,8 +168,32 @@ def test_model_reference_by_mlflow_run_id_and_uri(tmp_path: Path, tiny: tuple[Co
     )
     with tracking.run(config.tracking) as run_id:
         tracking.log_artifact(checkpoint, "train")
-    by_id = predict_run.resolve_model(run_id, config, tmp_path / "cache")
-    by_uri = predict_run.resolve_model(f"runs:/{run_id}/train/model.pt", config, tmp_path / "cache")
+    by_id = predict_run.resolve_model(run_id, config, tmp_path / "cache").path
+    by_uri = predict_run.resolve_model(f"runs:/{run_id}/train/model.pt", config, tmp_path / "cache").path
     assert by_id.read_bytes() == checkpoint.read_bytes() == by_uri.read_bytes()
     with pytest.raises(Exception, match="not a checkpoint file"):
         predict_run.resolve_model("no-such-model", config, tmp_path / "cache")
+
+    # the registry: a version per registration, an alias moved by review, a checksum checked at every use
+    first = tracking.register_model(config.tracking, run_id, "liver", checkpoint, {"best_val_dice": "0.5"})
+    second = tracking.register_model(config.tracking, run_id, "liver", checkpoint, {})
+    assert (first.version, second.version) == ("1", "2")
+    assert tracking.registered_version(config.tracking, run_id, "liver") == "2"
+    with pytest.raises(MedsegError, match="not found in the registry"):
+        predict_run.resolve_model("models:/liver@champion", config, tmp_path / "cache")  # no alias yet
+    tracking.set_alias(config.tracking, "liver", "1", "champion")
+    champion = predict_run.resolve_model("models:/liver@champion", config, tmp_path / "cache")
+    assert champion.registered is not None and champion.registered.label == "liver v1"
+    assert champion.path == tmp_path / "cache" / "liver-v1" / "model.pt"
+    assert champion.path.read_bytes() == checkpoint.read_bytes()
+    assert predict_run.resolve_model("models:/liver/2", config, tmp_path / "cache").registered.version == "2"
+    tracking.set_alias(config.tracking, "liver", "2", "champion")
+    assert predict_run.resolve_model("models:/liver@champion", config, tmp_path / "cache").registered.version == "2"
+    with pytest.raises(MedsegError, match="cannot set alias"):
+        tracking.set_alias(config.tracking, "liver", "7", "champion")
+    # a cached copy that no longer matches the registered checksum is refused, not used
+    champion.path.write_bytes(champion.path.read_bytes() + b"tampered")
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        predict_run.resolve_model("models:/liver/1", config, tmp_path / "cache")
+    with pytest.raises(MedsegError, match="models:/<name>@<alias>"):
+        predict_run.resolve_model("models:/liver@", config, tmp_path / "cache")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from medseg import tracking
-from medseg.config import Config, load_config, validate_config
+from medseg.config import Config, CrfConfig, load_config, validate_config
 from medseg.evaluate.run import score_patient
 from medseg.infer.run import run as infer_run
 from medseg.io import read_json, read_tsv
@@ -65,6 +65,14 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     assert {f.path for f in client.list_artifacts(summary["run_id"], "plan")} == {"plan/plan.json"}
     logged = client.search_logged_models(experiment_ids=[mlrun.info.experiment_id])
     assert logged and logged[0].source_run_id == summary["run_id"]  # the MLflow pytorch model
+    # registered once as a version of medseg-<dataset>, with its checksum; the manifest is the run's dataset input
+    query = f"name = 'medseg-tiny' and run_id = '{summary['run_id']}'"
+    versions = client.search_model_versions(query)
+    assert len(versions) == 1 and versions[0].tags["model_sha256"] == tracking.file_sha256(out / "model.pt")
+    assert versions[0].tags["manifest_sha256"] == tags["manifest_sha256"]
+    assert client.get_run(summary["run_id"]).inputs.dataset_inputs[0].dataset.name == "tiny-manifest"
+    run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)  # finished: nothing new registered
+    assert len(client.search_model_versions(query)) == 1
 
 
 def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, make_config: Callable) -> None:
@@ -78,6 +86,12 @@ def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, 
     assert [r["class"] for r in rows] == config.classes
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
     assert _history(out)[-1]["epoch"] == "2"
+    # postprocess.crf refines the probabilities inside infer: same grid, a valid label
+    crf = config.model_copy(
+        update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True, iterations=2)})}
+    )
+    refined = infer_run(crf, out / "model.pt", test.image, root / "infer_crf" / f"{test.patient_id}.nii.gz")
+    assert [r["class"] for r in score_patient(config, test.patient_id, refined, test.label)] == config.classes
 
 
 def test_resume_after_kill_9_continues_the_epochs_the_batches_and_the_mlflow_run(
@@ -130,14 +144,8 @@ def _identity(config: Config, dataset: dict, plan: Path) -> str:
     return identity(load_plan(plan).apply(config), dataset["manifest"])
 
 
-def test_a_resumed_run_matches_an_uninterrupted_one(
-    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = tiny_dataset["root"]
-    config = make_config(root, epochs=4, val_every_epochs=2, network="unet")
-    args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"])
-    run(*args, root / "straight")
-
+def _crash_at_3_then_resume(args: tuple, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train into ``out``, crash at the start of epoch 3, then resume to the end."""
     original = loop.BatchLoader.epoch
 
     def crash_at_3(self: loop.BatchLoader, epoch: int) -> Any:
@@ -147,9 +155,19 @@ def test_a_resumed_run_matches_an_uninterrupted_one(
 
     monkeypatch.setattr(loop.BatchLoader, "epoch", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        run(*args, root / "resumed")
+        run(*args, out)
     monkeypatch.setattr(loop.BatchLoader, "epoch", original)
-    run(*args, root / "resumed")
+    run(*args, out)
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(
+    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=4, val_every_epochs=2, network="unet")
+    args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"])
+    run(*args, root / "straight")
+    _crash_at_3_then_resume(args, root / "resumed", monkeypatch)
     straight, resumed = _history(root / "straight"), _history(root / "resumed")
     assert [r["epoch"] for r in resumed] == ["1", "2", "3", "4"]
     for a, b in zip(straight, resumed, strict=True):
@@ -218,3 +236,24 @@ def test_plan_command_writes_a_readable_plan(tiny_dataset: dict, make_config: Ca
     assert plan["resample"]["target_spacing_mm"] == pytest.approx([1.5, 1.5, 2.5])  # set by make_config
     assert plan["train"]["patch_size_vox"] == plan["planned"]["train"]["patch_size_vox"]  # from the plan
     assert plan["overrides"]["train.channels"] == [4, 8, 16] and "train.patch_size_vox" not in plan["overrides"]
+
+
+def test_ema_weights_are_the_ones_validated_saved_and_resumed(
+    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=4, val_every_epochs=1, network="unet", ema_decay=0.5)
+    args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"])
+    run(*args, root / "straight")
+    _crash_at_3_then_resume(args, root / "resumed", monkeypatch)
+    # validation ran on the averaged weights, restored on resume: the same Dice as the uninterrupted run
+    for a, b in zip(_history(root / "straight"), _history(root / "resumed"), strict=True):
+        assert float(a["val_dice_mean"]) == pytest.approx(float(b["val_dice_mean"]), abs=1e-6)
+    from medseg.models import load_state
+
+    assert load_state(root / "straight" / "last.pt")["ema"]["n_averaged"] == 4 * config.train.iterations_per_epoch
+    # ... and they are not the raw weights: the same run without the average validates differently
+    raw = config.model_copy(update={"train": config.train.model_copy(update={"ema_decay": None})})
+    run(raw, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "raw")
+    dice = [[r["val_dice_mean"] for r in _history(root / f)] for f in ("straight", "raw")]
+    assert dice[0] != dice[1]
