@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -30,12 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from medseg.config import Config, validate_config
+from medseg.config import Config, CrfConfig, validate_config
 from medseg.device import select_device, split_cores, usable_cores
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
 from medseg.infer.run import predict
-from medseg.io import read_tsv, read_volume, write_json, write_tsv, write_volume
+from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv, write_volume
 from medseg.models import load_model
 from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
 from medseg.resample.functional import preprocess
@@ -107,8 +109,9 @@ def msd_cases(folder: Path, images: str, labels: str) -> list[dict[str, Any]]:
     return cases
 
 
-def base_config(workdir: Path, minutes: float) -> dict[str, Any]:
-    return {
+def base_config(workdir: Path, minutes: float, overrides: list[str] = ()) -> dict[str, Any]:
+    """The benchmark's config; ``overrides`` are ``section.key=YAML value`` strings (``--set``)."""
+    config = {
         "dataset": "hippocampus",
         "classes": CLASSES,
         "resample": {"normalization": "zscore", "target_spacing_mm": [1.0, 1.0, 1.0]},
@@ -125,11 +128,19 @@ def base_config(workdir: Path, minutes: float) -> dict[str, Any]:
             "experiment": "hippocampus-benchmark",
         },
     }
+    for item in overrides:
+        dotted, _, value = item.partition("=")
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = yaml.safe_load(value)
+    return config
 
 
-def train_medseg(train: list[dict], workdir: Path, minutes: float) -> Path:
+def train_medseg(train: list[dict], workdir: Path, minutes: float, overrides: list[str] = ()) -> Path:
     """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``."""
-    config = validate_config(base_config(workdir, minutes), "hippocampus benchmark")
+    config = validate_config(base_config(workdir, minutes, overrides), "hippocampus benchmark")
     loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in train]
     device = select_device(config.train.device)
     measured = [case_fingerprint(image, label, config.num_classes, seed=0) for image, label in loaded]
@@ -232,6 +243,31 @@ def score(recipe: str, predict_fn: Any, test: list[dict], workdir: Path, config:
     return rows
 
 
+def log_to_run(train_dir: Path, config: Config, rows: list[dict], model: torch.nn.Module) -> None:
+    """The test metrics, the network's size, the process's peak memory and the median seconds per epoch, into the
+    training's MLflow run (what ``benchmarks/compare_networks.py`` tabulates)."""
+    from medseg import tracking
+
+    s = summarise(config, rows)
+    mean = {
+        m: float(np.nanmean([s["per_class"][c][m]["mean"] or np.nan for c in CLASSES]))
+        for m in ("dice", "boundary_f1", "hd95_mm")
+    }
+    history = read_tsv(train_dir / "history.tsv")
+    metrics = {
+        "test_dice_mean": mean["dice"],
+        "test_boundary_f1_mean": mean["boundary_f1"],
+        "test_hd95_mm_mean": mean["hd95_mm"],
+        "n_parameters": float(sum(p.numel() for p in model.parameters())),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "median_seconds_per_epoch": float(np.median([float(r["seconds_per_epoch"]) for r in history])),
+        "epochs_trained": float(len(history)),
+    }
+    with tracking.run(config.tracking, run_id=read_json(train_dir / "run.json")["run_id"]):
+        tracking.log_metrics(metrics)
+    log.info("logged to the training run: %s", metrics)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-dir", type=Path, required=True)
@@ -244,6 +280,16 @@ def main() -> None:
         "--parallel",
         action="store_true",
         help="train the recipes side by side, one thread each, so that a shared machine's load hits both alike",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a medseg config key for the medseg recipe (YAML value), e.g. --set train.ema_decay=0.999",
+    )
+    parser.add_argument(
+        "--crf", action="store_true", help="also score the medseg model with postprocess.crf on (recipe medseg+crf)"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -261,7 +307,7 @@ def main() -> None:
         train, test = cases, msd_cases(args.test_dir, "imagesTs", "labelsTs")
     log.info("%d training cases, %d test cases, %.1f minutes per recipe", len(train), len(test), args.minutes)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    config = validate_config(base_config(args.workdir, args.minutes), "hippocampus benchmark")
+    config = validate_config(base_config(args.workdir, args.minutes, args.set), "hippocampus benchmark")
     rows: list[dict] = []
     summaries: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}",
@@ -269,6 +315,7 @@ def main() -> None:
         "minutes": args.minutes,
         "n_train": len(train),
         "n_test": len(test),
+        "overrides": args.set,
     }
     recipes = args.recipes.split(",")
     helper = None
@@ -284,10 +331,19 @@ def main() -> None:
         summaries["machine"] = summaries["machine"].replace(f"torch threads {args.threads}", "torch threads 1 each")
         recipes = ["medseg"]
     if "medseg" in recipes:
-        checkpoint = train_medseg(train, args.workdir, args.minutes)
+        checkpoint = train_medseg(train, args.workdir, args.minutes, args.set)
         device = select_device("auto")
         model, trained = load_model(checkpoint, device)
         rows += score("medseg", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)
+        log_to_run(checkpoint.parent, config, [r for r in rows if r["recipe"] == "medseg"], model)
+        if args.crf:  # the same model once more, with the CRF refinement of its probabilities
+            with_crf = config.model_copy(
+                update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True)})}
+            )
+            rows += score(
+                "medseg+crf", lambda im: predict(model, trained, im, with_crf, device), test, args.workdir, config
+            )
+            recipes = [*recipes, "medseg+crf"]
     if "monai" in recipes:
         monai_model = train_monai(train, args.workdir, args.minutes)
         rows += score("monai", lambda im: predict_monai(monai_model, im), test, args.workdir, config)

@@ -48,7 +48,9 @@ EMPTY_CONVENTION = (
     "when every class is empty in both."
 )
 
-CLASS_METRICS = ("dice", "iou", "boundary_f1", "surface_dice", "hd95_mm", "msd_mm")
+INSTANCE_METRICS = ("n_ref_instances", "n_pred_instances", "instance_precision", "instance_recall", "instance_f1")
+CLASS_METRICS = ("dice", "iou", "boundary_f1", "surface_dice", "hd95_mm", "msd_mm", *INSTANCE_METRICS)
+INSTANCE_IOU = 0.1  # a reference instance counts as found when a predicted one overlaps it with IoU >= this
 PATIENT_METRICS = ("pixel_accuracy", "mean_iou")
 NAN = float("nan")
 TIE_SLACK_MM = 1e-6
@@ -202,6 +204,7 @@ def _cropped_metrics(
     surface_tolerance_mm: float,
     percentile: float,
     boxes: tuple[Box | None, Box | None] = (None, None),
+    instance_iou: float = INSTANCE_IOU,
 ) -> dict[str, float]:
     """Metrics of two boolean masks already cropped to (at least) the bounding box of their union; ``boxes``
     are each mask's own box in the cropped frame when known."""
@@ -210,6 +213,7 @@ def _cropped_metrics(
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     result = {name: NAN for name in CLASS_METRICS}
     result.update(dice=dice, iou=iou, ref_volume_mm3=n_ref * voxel_mm3, pred_volume_mm3=n_pred * voxel_mm3)
+    result.update(instance_detection(pred, ref, instance_iou))
     if n_pred and n_ref:
         d_pr, d_rp = surface_distances(pred, ref, spacing_mm, boxes)
         result["boundary_f1"] = boundary_f1(d_pr, d_rp, boundary_tolerance_mm)
@@ -219,6 +223,54 @@ def _cropped_metrics(
     elif n_pred or n_ref:
         result.update(boundary_f1=0.0, surface_dice=0.0)
     return result
+
+
+def _empty_class() -> dict[str, float]:
+    """A class empty in both masks: every metric NaN, no instances, no volume."""
+    empty = {name: NAN for name in CLASS_METRICS}
+    return {**empty, "n_ref_instances": 0.0, "n_pred_instances": 0.0, "ref_volume_mm3": 0.0, "pred_volume_mm3": 0.0}
+
+
+def instances(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean mask numbered 1..n (26-connectivity in 3D, 8 in 2D: voxels that touch at
+    a corner are one lesion, as MONAI's and nnU-Net's component tools count them)."""
+    labelled, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    return labelled, int(n)
+
+
+def instance_detection(pred: np.ndarray, ref: np.ndarray, iou_threshold: float = INSTANCE_IOU) -> dict[str, float]:
+    """Lesion-wise detection of one class: reference and predicted instances (connected components) are matched
+    by IoU; a reference instance is *found* (recall) and a predicted one *true* (precision) when some instance of
+    the other side overlaps it with IoU >= ``iou_threshold``. F1 = 2PR/(P+R).
+
+    No instance on either side: precision, recall and F1 NaN. Reference instances but no prediction: recall 0,
+    precision NaN, F1 0 (and the reverse for predictions without reference).
+    """
+    ref_lab, n_ref = instances(ref)
+    pred_lab, n_pred = instances(pred)
+    out = {"n_ref_instances": float(n_ref), "n_pred_instances": float(n_pred)}
+    if not n_ref and not n_pred:
+        return {**out, "instance_precision": NAN, "instance_recall": NAN, "instance_f1": NAN}
+    if not n_ref or not n_pred:
+        precision, recall = (0.0, NAN) if n_pred else (NAN, 0.0)
+        return {**out, "instance_precision": precision, "instance_recall": recall, "instance_f1": 0.0}
+    both = (ref_lab > 0) & (pred_lab > 0)
+    pairs = ref_lab[both].astype(np.int64) * (n_pred + 1) + pred_lab[both]
+    inter = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)[1:, 1:]
+    ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
+    pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
+    iou = inter / (ref_size[:, None] + pred_size[None, :] - inter)
+    recall = float(np.mean(iou.max(axis=1) >= iou_threshold))
+    precision = float(np.mean(iou.max(axis=0) >= iou_threshold))
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {**out, "instance_precision": precision, "instance_recall": recall, "instance_f1": f1}
+
+
+def instance_volumes(mask: np.ndarray, spacing_mm: Sequence[float]) -> list[float]:
+    """Volume (mm3) of each instance of a boolean mask, largest first."""
+    labelled, n = instances(mask)
+    sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
+    return sorted((float(v) * float(np.prod(spacing_mm)) for v in sizes), reverse=True)
 
 
 def class_metrics(
@@ -241,7 +293,7 @@ def class_metrics(
 
     Returns:
         ``{"dice", "iou", "boundary_f1", "surface_dice", "hd95_mm", "msd_mm", "ref_volume_mm3",
-        "pred_volume_mm3"}``.
+        "pred_volume_mm3"}`` and the lesion-wise detection (:func:`instance_detection`).
 
     >>> line = np.zeros((1, 1, 6), bool); line[..., :3] = True
     >>> shifted = np.roll(line, 1, axis=2)
@@ -251,7 +303,7 @@ def class_metrics(
     """
     box = _union(_box(pred), _box(ref))
     if box is None:
-        return {**{name: NAN for name in CLASS_METRICS}, "ref_volume_mm3": 0.0, "pred_volume_mm3": 0.0}
+        return _empty_class()
     return _cropped_metrics(pred[box], ref[box], spacing_mm, boundary_tolerance_mm, surface_tolerance_mm, percentile)
 
 
@@ -263,6 +315,7 @@ def label_metrics(
     boundary_tolerance_mm: float = 2.0,
     surface_tolerance_mm: float = 2.0,
     percentile: float = 95.0,
+    instance_iou: float = INSTANCE_IOU,
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Metrics of every foreground class of a label map, and the per-patient metrics.
 
@@ -278,6 +331,7 @@ def label_metrics(
         boundary_tolerance_mm: tolerance of boundary F1.
         surface_tolerance_mm: tolerance of normalised surface Dice.
         percentile: of the Hausdorff distance.
+        instance_iou: IoU at which instances match in the lesion-wise detection (:func:`instance_detection`).
 
     Returns:
         ``(per_class, per_patient)``: a list of :func:`class_metrics` dicts for classes 1..n_foreground, and
@@ -291,12 +345,19 @@ def label_metrics(
     for c in range(1, n_foreground + 1):
         box = _union(pred_boxes[c - 1], ref_boxes[c - 1])
         if box is None:
-            per_class.append({**{name: NAN for name in CLASS_METRICS}, "ref_volume_mm3": 0.0, "pred_volume_mm3": 0.0})
+            per_class.append(_empty_class())
             continue
         own = (_shift(pred_boxes[c - 1], box), _shift(ref_boxes[c - 1], box))
         per_class.append(
             _cropped_metrics(
-                pred[box] == c, ref[box] == c, spacing_mm, boundary_tolerance_mm, surface_tolerance_mm, percentile, own
+                pred[box] == c,
+                ref[box] == c,
+                spacing_mm,
+                boundary_tolerance_mm,
+                surface_tolerance_mm,
+                percentile,
+                own,
+                instance_iou,
             )
         )
     ious = np.array([m["iou"] for m in per_class], dtype=float)

@@ -11,6 +11,7 @@ rule infer:
     params:
         config=CFG,
         digest=WF.config.section_digest("infer"),
+        crf=WF.config.postprocess.crf.model_dump_json(),  # the CRF refines the probabilities here, in infer
         patients=after_checkpoint(checkpoints.ingest, lambda w: " ".join(WF.infer_shards()[w.shard])),
         folder=WF.stage_dir("infer"),
     log:

@@ -176,3 +176,45 @@ def test_distances_exact_through_every_path(monkeypatch: pytest.MonkeyPatch, mar
     d_pr, d_rp = metrics.surface_distances(pred, ref, spacing)
     np.testing.assert_allclose(np.sort(d_pr), np.sort(_brute_distances(pred, ref, spacing)), atol=1e-9)
     np.testing.assert_allclose(np.sort(d_rp), np.sort(_brute_distances(ref, pred, spacing)), atol=1e-9)
+
+
+def test_lesion_wise_detection_matches_instances_by_iou() -> None:
+    from medseg.metrics import instance_detection, instance_volumes, instances
+
+    ref = np.zeros((20, 20, 5), bool)
+    ref[1:5, 1:5, 1:4] = True  # lesion 1: found (same box)
+    ref[10:14, 10:14, 1:4] = True  # lesion 2: found by a shifted prediction (IoU 0.6)
+    ref[16:18, 1:3, 1:3] = True  # lesion 3: missed
+    pred = np.zeros_like(ref)
+    pred[1:5, 1:5, 1:4] = True
+    pred[11:15, 10:14, 1:4] = True
+    pred[1:3, 16:18, 1:3] = True  # a false positive far from everything
+    assert instances(ref)[1] == 3
+    m = instance_detection(pred, ref, iou_threshold=0.1)
+    assert (m["n_ref_instances"], m["n_pred_instances"]) == (3, 3)
+    assert m["instance_recall"] == pytest.approx(2 / 3) and m["instance_precision"] == pytest.approx(2 / 3)
+    assert m["instance_f1"] == pytest.approx(2 / 3)
+    strict = instance_detection(pred, ref, iou_threshold=0.7)  # the shifted one no longer matches
+    assert strict["instance_recall"] == pytest.approx(1 / 3)
+    # corner-touching voxels are one lesion (26-connectivity)
+    diagonal = np.zeros((4, 4, 4), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = True
+    assert instances(diagonal)[1] == 1
+    # empty sides
+    none = instance_detection(np.zeros_like(ref), np.zeros_like(ref))
+    assert none["n_ref_instances"] == 0 and np.isnan(none["instance_f1"])
+    missed = instance_detection(np.zeros_like(ref), ref)
+    assert missed["instance_recall"] == 0 and np.isnan(missed["instance_precision"]) and missed["instance_f1"] == 0
+    assert instance_volumes(ref, (1.0, 1.0, 2.0)) == [96.0, 96.0, 16.0]
+
+
+def test_label_metrics_report_instances_per_class() -> None:
+    ref = np.zeros((12, 12, 4), np.uint8)
+    ref[1:4, 1:4, 1:3] = 1
+    ref[7:10, 7:10, 1:3] = 1
+    pred = ref.copy()
+    pred[7:10, 7:10, 1:3] = 0
+    per_class, _ = label_metrics(pred, ref, (1.0, 1.0, 1.0), 2)
+    assert per_class[0]["n_ref_instances"] == 2 and per_class[0]["instance_recall"] == 0.5
+    assert per_class[0]["instance_precision"] == 1.0
+    assert per_class[1]["n_ref_instances"] == 0 and np.isnan(per_class[1]["instance_f1"])  # class 2 empty in both

@@ -50,6 +50,7 @@ def score_patient(config: Config, patient_id: str, prediction: Path, reference: 
         boundary_tolerance_mm=e.boundary_tolerance_mm,
         surface_tolerance_mm=e.surface_dice_tolerance_mm,
         percentile=e.hausdorff_percentile,
+        instance_iou=e.instance_iou_threshold,
     )
     return [
         {"patient_id": patient_id, "class": name, **values, **per_patient}
@@ -81,6 +82,7 @@ def summarise(
         "boundary_tolerance_mm": e.boundary_tolerance_mm,
         "surface_dice_tolerance_mm": e.surface_dice_tolerance_mm,
         "hausdorff_percentile": e.hausdorff_percentile,
+        "instance_iou_threshold": e.instance_iou_threshold,
         "per_class": {},
         "per_patient": {},
         "failures": failures or [],

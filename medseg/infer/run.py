@@ -19,6 +19,7 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.io import read_volume, write_json, write_volume
 from medseg.manifest import Entry
 from medseg.models import load_model
+from medseg.postprocess import crf
 from medseg.resample.functional import preprocess
 from medseg.sliding_window import predict_probabilities, to_original_grid_bounded
 from medseg.volume import Image, Label
@@ -33,7 +34,8 @@ def predict(model: torch.nn.Module, trained: Config, image: Image, config: Confi
         model: the network from :func:`load_model`, on ``device``.
         trained: the config it was trained with (preprocessing, patch size).
         image: the scan ``(1, X, Y, Z)`` on its original grid.
-        config: the live config; only its ``infer`` section is used.
+        config: the live config: its ``infer`` section, and ``postprocess.crf`` (CRF refinement of the
+            probabilities before the argmax, when enabled).
         device: where the windows run.
 
     Returns:
@@ -45,6 +47,14 @@ def predict(model: torch.nn.Module, trained: Config, image: Image, config: Confi
         raise ConfigError("the checkpoint's config has no train.patch_size_vox: it was not written by `medseg train`")
     prepared = preprocess(image, trained.resample)
     probabilities = predict_probabilities(model, prepared, patch, config.infer, device)
+    if config.postprocess.crf.enabled:
+        refined = crf.refine(
+            torch.as_tensor(probabilities.array),
+            torch.as_tensor(prepared.array[0]),
+            prepared.spacing,
+            config.postprocess.crf,
+        )
+        probabilities = Image(refined.numpy(), probabilities.affine)
     del prepared
     return to_original_grid_bounded(probabilities, image.affine, image.spatial_shape, config.infer.resample_memory_mb)
 

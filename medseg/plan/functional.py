@@ -135,12 +135,15 @@ def _divisible(patch: list[int], strides: list[list[int]]) -> list[int]:
     return [int(math.ceil(p / f) * f) for p, f in zip(patch, factor, strict=True)]
 
 
+# Patch-size multiples the transformer networks need: SwinUNETR merges patches 5 times (2^5), UNETR embeds 16^3
+# patches; resolve_train rounds the patch up to them.
+PATCH_MULTIPLE = {"swin_unetr": 32, "unetr": 16}
 GPU_BASE_FEATURES = 32  # nnU-Net's
 # On a CPU iterations are scarce (benchmarks/train_speed.py, BENCHMARKS.md): MONAI's residual UNet, whose first
 # convolution already halves the grid, runs an iteration 2.7x faster than a DynUNet with half its features, which
 # convolves twice at full resolution on every level of the way down and up.
 CPU_NETWORK = "unet"
-CPU_BASE_FEATURES = {"unet": 16, "segresnet": 16, "dynunet": 8}
+CPU_BASE_FEATURES = {"unet": 16, "segresnet": 16, "dynunet": 8}  # others: 16
 
 
 # A CPU budget buys a few thousand iterations, not nnU-Net's 250,000: there its augmentation (rotations to 30 deg
@@ -235,7 +238,7 @@ def make_plan(fp: dict[str, Any], config: Config, device_type: str = "cpu") -> d
     strides, kernels = topology(patch, spacing[:axes], pc.min_feature_map_vox)
     patch = _divisible(patch, strides)
     network = choose_network(config.train.network, device_type)
-    base = pc.base_features or (GPU_BASE_FEATURES if device_type == "cuda" else CPU_BASE_FEATURES[network])
+    base = pc.base_features or (GPU_BASE_FEATURES if device_type == "cuda" else CPU_BASE_FEATURES.get(network, 16))
     channels = [min(base * 2**i, pc.max_features) for i in range(len(kernels))]
     patch_vox = int(np.prod(patch))
     # nnU-Net's rule: a batch covers at most 5% of the dataset's voxels, and at least 2 patches
@@ -288,7 +291,7 @@ def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> Recipe:
     ``network: auto`` takes the plan's network, ``augment.preset: auto`` the plan's augmentation preset, ``epochs:
     null`` the plan's budget, or no epoch limit when ``max_minutes`` is set (the time then bounds the run).
     ``unet`` and ``segresnet`` take the plan's levels; ``segresnet`` halves every axis per level, so its patch is
-    rounded up to fit.
+    rounded up to fit, as it is for ``swin_unetr`` (multiples of 32) and ``unetr`` (16).
     """
     p = planned
     network = train.network if train.network != "auto" else p.get("network", "dynunet")
@@ -307,10 +310,12 @@ def resolve_train(train: TrainConfig, planned: dict[str, Any]) -> Recipe:
             planned_k.append(tuple([3] * train.spatial_dims))
         kernels = tuple(planned_k)
     patch = train.patch_size_vox if train.patch_size_vox is not None else tuple(p["patch_size_vox"])
-    if network == "segresnet":
-        f = 2 ** (levels - 1)
+    multiple = {"segresnet": 2 ** (levels - 1), **PATCH_MULTIPLE}.get(network)
+    if multiple is not None:
         axes = 2 if train.spatial_dims == 2 else 3
-        patch = tuple(int(math.ceil(s / f) * f) if a < axes else s for a, s in enumerate(patch))
+        patch = tuple(int(math.ceil(s / multiple) * multiple) if a < axes else s for a, s in enumerate(patch))
+        if network == "swin_unetr" and all(s == multiple for s in patch[:axes]):
+            patch = (2 * multiple, *patch[1:])  # its instance norms need a bottleneck of 2+ voxels
     batch = train.batch_size if train.batch_size is not None else int(p["batch_size"])
     epochs = train.epochs
     if epochs is None:
