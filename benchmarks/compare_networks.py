@@ -4,15 +4,17 @@
     python benchmarks/compare_networks.py --workdir /tmp/nets --table-only      # the table again, from MLflow
 
 Each network trains in its own process (``benchmarks/hippocampus.py --recipes medseg --set train.network=<name>``,
-so its peak memory is its own) with medseg's plan for everything else, one after the other, all logging into one
-MLflow database (``<workdir>/mlflow.db``); ``hippocampus.py`` logs the held-out test metrics, the parameter count, the
-process's peak resident memory and the median seconds per epoch into each training run. The table is then read back
-from MLflow alone (``MlflowClient.search_runs``) and printed as Markdown for BENCHMARKS.md.
+so its peak memory is its own; scored without test-time mirroring) with medseg's plan for everything else, one after
+the other, all logging into one MLflow database (``<workdir>/mlflow.db``); ``hippocampus.py`` logs the held-out
+test metrics, the parameter count, the process's peak resident memory and the median seconds per epoch into each
+training run. The table is then read back from MLflow alone (``MlflowClient.search_runs``) and printed as Markdown
+for BENCHMARKS.md. One network's model (``--crf-network``) is also scored with ``postprocess.crf`` on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,8 @@ def train_all(args: argparse.Namespace, uri: str) -> None:
             "--recipes", "medseg", "--workdir", str(folder), "--threads", str(args.threads),
             "--set", f"train.network={network}", "--set", f"tracking.uri={uri}",
             "--set", f"tracking.experiment={EXPERIMENT}",
+            "--set", "infer.mirror=false",  # scored without test-time mirroring, all alike (8x the transformers' time)
+            *(["--crf"] if network == args.crf_network else []),
         ]  # fmt: skip
         with (folder / "log.txt").open("w") as log:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -69,6 +73,9 @@ def main() -> None:
     parser.add_argument("--networks", default=",".join(NETWORKS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--crf-network", default="unet", help="score this network's model with postprocess.crf too (its summary.json)"
+    )
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +83,14 @@ def main() -> None:
     if not args.table_only:
         train_all(args, uri)
     print(table(uri))
+    crf = args.workdir / args.crf_network / "summary.json"
+    if crf.exists():
+        summary = json.loads(crf.read_text())
+        for recipe in ("medseg", "medseg+crf"):
+            if recipe in summary:
+                per_class = summary[recipe]["per_class"]
+                means = {m: [per_class[c][m]["mean"] for c in per_class] for m in ("dice", "boundary_f1", "hd95_mm")}
+                print(f"{args.crf_network} {recipe}: " + ", ".join(f"{m} {means[m]}" for m in means))
 
 
 if __name__ == "__main__":
