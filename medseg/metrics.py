@@ -6,7 +6,8 @@ binary_erosion(mask)`` with scipy's default cross-shaped element, outside the cr
 surface Dice and mean surface distance are comparable number for number with MONAI's
 ``HausdorffDistanceMetric(percentile=95)``, ``SurfaceDiceMetric`` and ``SurfaceDistanceMetric(symmetric=True)``
 (all with ``use_subvoxels=False``). Surface distances go from boundary voxel centres to the nearest boundary
-voxel centre of the other mask, in mm (anisotropic spacing honoured).
+voxel centre of the other mask, in mm (anisotropic spacing honoured). A 2D image, stored as X x Y x 1 (a
+radiograph), has 2D boundaries: its single slice has no neighbours above or below.
 
 Definitions (``P`` prediction, ``R`` reference, ``dP`` / ``dR`` their boundaries, ``d(x, S)`` the distance in mm
 from ``x`` to the nearest point of ``S``):
@@ -73,14 +74,16 @@ def overlap(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return 2 * inter / total, inter / (total - inter)
 
 
-def _boundary(mask: np.ndarray) -> np.ndarray:
+def _boundary(mask: np.ndarray, flat: Sequence[int] = ()) -> np.ndarray:
     """Voxels of the mask with at least one face-neighbour outside it (outside the array counts as outside).
 
-    Six shifted ANDs instead of ``scipy.ndimage.binary_erosion``: the same result, about 4x faster.
+    ``flat``: axes along which the *image* has one voxel (a 2D image stored as X x Y x 1): they have no neighbours,
+    so they do not make every pixel a boundary pixel. Six shifted ANDs instead of ``scipy.ndimage.binary_erosion``:
+    the same result, about 4x faster.
     """
     padded = np.pad(mask, 1)
     inner = padded[1:-1, 1:-1, 1:-1].copy()
-    for axis in range(3):
+    for axis in (a for a in range(3) if a not in flat):
         for step in (slice(None, -2), slice(2, None)):
             index = [slice(1, -1)] * 3
             index[axis] = step
@@ -88,15 +91,15 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def boundary_points(mask: np.ndarray, box: Box | None = None) -> np.ndarray:
+def boundary_points(mask: np.ndarray, box: Box | None = None, flat: Sequence[int] = ()) -> np.ndarray:
     """Integer ``(N, 3)`` indices of the boundary voxels, found inside the mask's bounding box only.
 
-    ``box``, when known, saves the pass that finds it.
+    ``box``, when known, saves the pass that finds it; ``flat`` as in :func:`_boundary`.
     """
     box = _box(mask) if box is None else box
     if box is None:
         return np.zeros((0, 3), dtype=np.int64)
-    return np.argwhere(_boundary(mask[box])) + np.array([b.start for b in box])
+    return np.argwhere(_boundary(mask[box], flat)) + np.array([b.start for b in box])
 
 
 def _box(mask: np.ndarray) -> Box | None:
@@ -154,6 +157,7 @@ def surface_distances(
     ref: np.ndarray,
     spacing_mm: Sequence[float],
     boxes: tuple[Box | None, Box | None] = (None, None),
+    flat: Sequence[int] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from each prediction boundary voxel to the reference boundary, and the reverse.
 
@@ -162,11 +166,12 @@ def surface_distances(
         ref: boolean mask of the same shape, non-empty.
         spacing_mm: voxel size along each array axis.
         boxes: the bounding boxes of ``pred`` and ``ref`` when already known.
+        flat: axes of one voxel in the whole image (a 2D image): not neighbours (see :func:`_boundary`).
 
     Returns:
         ``(d_pred_to_ref, d_ref_to_pred)``: 1-D float64 arrays, one value per boundary voxel.
     """
-    bp, br = boundary_points(pred, boxes[0]), boundary_points(ref, boxes[1])
+    bp, br = boundary_points(pred, boxes[0], flat), boundary_points(ref, boxes[1], flat)
     return _distances_to(bp, br, spacing_mm), _distances_to(br, bp, spacing_mm)
 
 
@@ -205,6 +210,7 @@ def _cropped_metrics(
     percentile: float,
     boxes: tuple[Box | None, Box | None] = (None, None),
     instance_iou: float = INSTANCE_IOU,
+    flat: Sequence[int] = (),
 ) -> dict[str, float]:
     """Metrics of two boolean masks already cropped to (at least) the bounding box of their union; ``boxes``
     are each mask's own box in the cropped frame when known."""
@@ -215,7 +221,7 @@ def _cropped_metrics(
     result.update(dice=dice, iou=iou, ref_volume_mm3=n_ref * voxel_mm3, pred_volume_mm3=n_pred * voxel_mm3)
     result.update(instance_detection(pred, ref, instance_iou))
     if n_pred and n_ref:
-        d_pr, d_rp = surface_distances(pred, ref, spacing_mm, boxes)
+        d_pr, d_rp = surface_distances(pred, ref, spacing_mm, boxes, flat)
         result["boundary_f1"] = boundary_f1(d_pr, d_rp, boundary_tolerance_mm)
         result["surface_dice"] = surface_dice(d_pr, d_rp, surface_tolerance_mm)
         result["hd95_mm"] = hausdorff(d_pr, d_rp, percentile)
@@ -223,6 +229,11 @@ def _cropped_metrics(
     elif n_pred or n_ref:
         result.update(boundary_f1=0.0, surface_dice=0.0)
     return result
+
+
+def _flat_axes(shape: Sequence[int]) -> tuple[int, ...]:
+    """``(2,)`` for a 2D image stored as medseg stores one (X x Y x 1: a radiograph, a slice), else none."""
+    return (2,) if len(shape) == 3 and shape[2] == 1 and shape[0] > 1 and shape[1] > 1 else ()
 
 
 def _empty_class() -> dict[str, float]:
@@ -304,7 +315,10 @@ def class_metrics(
     box = _union(_box(pred), _box(ref))
     if box is None:
         return _empty_class()
-    return _cropped_metrics(pred[box], ref[box], spacing_mm, boundary_tolerance_mm, surface_tolerance_mm, percentile)
+    flat = _flat_axes(pred.shape)
+    return _cropped_metrics(
+        pred[box], ref[box], spacing_mm, boundary_tolerance_mm, surface_tolerance_mm, percentile, flat=flat
+    )
 
 
 def label_metrics(
@@ -358,6 +372,7 @@ def label_metrics(
                 percentile,
                 own,
                 instance_iou,
+                _flat_axes(pred.shape),
             )
         )
     ious = np.array([m["iou"] for m in per_class], dtype=float)

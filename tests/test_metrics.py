@@ -218,3 +218,18 @@ def test_label_metrics_report_instances_per_class() -> None:
     assert per_class[0]["n_ref_instances"] == 2 and per_class[0]["instance_recall"] == 0.5
     assert per_class[0]["instance_precision"] == 1.0
     assert per_class[1]["n_ref_instances"] == 0 and np.isnan(per_class[1]["instance_f1"])  # class 2 empty in both
+
+
+def test_a_2d_image_has_2d_boundaries() -> None:
+    # a 2D image stored as X x Y x 1: a filled disc's boundary is its rim, not every pixel of it
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((xx - 20) ** 2 + (yy - 20) ** 2 < 100)[..., None]
+    shifted = np.roll(disc, 1, axis=0)
+    m = class_metrics(shifted, disc, (1.0, 1.0, 1.0))
+    assert m["hd95_mm"] == pytest.approx(1.0) and m["boundary_f1"] == 1.0
+    far = np.roll(disc, 4, axis=0)
+    assert class_metrics(far, disc, (1.0, 1.0, 1.0), boundary_tolerance_mm=2.0)["boundary_f1"] < 0.8
+    # in a 3D image a one-slice structure is all boundary, as before
+    volume = np.zeros((40, 40, 5), bool)
+    volume[..., 2] = disc[..., 0]
+    assert class_metrics(volume, volume, (1.0, 1.0, 1.0))["boundary_f1"] == 1.0
