@@ -437,6 +437,11 @@ class PredictConfig(_Section):
     seg_series_number: int = Field(9900, ge=1, description="SeriesNumber of the DICOM-SEG objects written")
     seg_series_description: str = Field("medseg segmentation", max_length=64)
     manufacturer: str = Field("medseg", description="written as the DICOM-SEG's Manufacturer")
+    seg_instances: bool = Field(
+        False,
+        description="one DICOM-SEG segment per instance (connected component: 'lesion 1', 'lesion 2', ... largest "
+        "first, each with a TrackingID) instead of one per class",
+    )
 
 
 class ReportConfig(_Section):

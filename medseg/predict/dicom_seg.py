@@ -24,6 +24,7 @@ from medseg.config import TISSUE_CODE, CodeConfig, PredictConfig
 from medseg.errors import GeometryError, ImageReadError
 from medseg.ingest.dicom import LPS_TO_RAS, Frame, frames_of, stack_geometry
 from medseg.io import atomic_path
+from medseg.metrics import instances
 from medseg.predict.functional import default_color, label_to_frames
 from medseg.volume import Label
 
@@ -78,25 +79,51 @@ def _code(code: CodeConfig) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def segment_descriptions(classes: Sequence[str], config: PredictConfig) -> list[hd.seg.SegmentDescription]:
-    """One segment per class, numbered like the label values (class ``i`` is segment ``i``, from 1)."""
+def segment_descriptions(
+    classes: Sequence[str], config: PredictConfig, instances: Sequence[tuple[int, int]] | None = None
+) -> list[hd.seg.SegmentDescription]:
+    """One segment per class, numbered like the label values (class ``i`` is segment ``i``, from 1); with
+    ``instances`` (``(class index, instance number)`` per segment, see :func:`instance_segments`) one segment per
+    instance, labelled ``<class label> <n>`` with the class's codes and colour and a TrackingID/UID of its own."""
     algorithm = hd.AlgorithmIdentificationSequence(name="medseg", family=ALGORITHM_FAMILY, version=medseg.__version__)
     descriptions = []
-    for index, name in enumerate(classes, start=1):
+    pairs = instances if instances is not None else [(i, 0) for i in range(1, len(classes) + 1)]
+    for number, (index, instance) in enumerate(pairs, start=1):
+        name = classes[index - 1]
         segment = config.segments.get(name)
         rgb = (segment.color_rgb if segment else None) or default_color(index)
+        label = (segment.label if segment else None) or name
+        tracking = {"tracking_id": f"{label} {instance}", "tracking_uid": hd.UID()} if instance else {}
         descriptions.append(
             hd.seg.SegmentDescription(
-                segment_number=index,
-                segment_label=(segment.label if segment else None) or name,
+                segment_number=number,
+                segment_label=f"{label} {instance}" if instance else label,
                 segmented_property_category=_code(segment.category if segment else TISSUE_CODE),
                 segmented_property_type=_code(segment.type if segment else TISSUE_CODE),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
                 display_color=hd.color.CIELabColor.from_rgb(*rgb),
+                **tracking,
             )
         )
     return descriptions
+
+
+def instance_segments(label: np.ndarray, n_classes: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A label map renumbered so that every instance (connected component) of every class is its own value 1..K,
+    class by class, largest instance first (the order of ``instances.tsv``); and ``(class index, instance
+    number)`` for each value."""
+    out = np.zeros(label.shape, dtype=np.uint16)
+    pairs: list[tuple[int, int]] = []
+    for c in range(1, n_classes + 1):
+        components, n = instances(label == c)
+        if not n:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+        for rank, component in enumerate(np.argsort(-sizes, kind="stable") + 1, start=1):
+            pairs.append((c, rank))
+            out[components == component] = len(pairs)
+    return out, pairs
 
 
 def _layout(frames: Sequence[Frame], seg_frames: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
@@ -193,6 +220,11 @@ def build_segmentation(
         The Segmentation (not yet written). Empty frames are left out, except when every frame is empty: then
         highdicom keeps them all, so an empty prediction is still a valid object with every segment described.
     """
+    pairs = None
+    if config.seg_instances:
+        renumbered, found = instance_segments(label.array[0], len(classes))
+        if found:  # an empty prediction keeps one (empty) segment per class
+            label, pairs = Label(renumbered[None], label.affine), found
     seg_frames = label_to_frames(label)
     if seg_frames.shape != (len(frames), *frames[0].shape):
         raise GeometryError(
@@ -201,9 +233,9 @@ def build_segmentation(
     sources, pixels = _layout(frames, seg_frames)
     return hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=pixels.astype(np.uint8),
+        pixel_array=pixels.astype(np.uint8 if int(pixels.max(initial=0)) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(classes, config),
+        segment_descriptions=segment_descriptions(classes, config, pairs),
         series_instance_uid=hd.UID(),
         series_number=config.seg_series_number,
         sop_instance_uid=hd.UID(),

@@ -197,3 +197,27 @@ def test_model_reference_by_mlflow_run_id_and_uri(tmp_path: Path, tiny: tuple[Co
         predict_run.resolve_model("models:/liver/1", config, tmp_path / "cache")
     with pytest.raises(MedsegError, match="models:/<name>@<alias>"):
         predict_run.resolve_model("models:/liver@", config, tmp_path / "cache")
+
+
+def test_one_segment_per_instance_on_request(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "key", predict={"seg_instances": True})
+    write_series(tmp_path / "in" / "pat")
+    jobs, _, _ = predict_run.plan(config, tmp_path / "in")
+
+    def two_lesions(image: Image) -> Label:
+        label = np.zeros_like(image.array, dtype=np.uint8)
+        label[0, 0:2, 0:3, 0:2] = 1  # 12 voxels (every axis of the series has 6 or more)
+        label[0, 4:6, 4:6, 4:6] = 1  # 8 voxels, apart from the first
+        label[0, 0, 5, 5] = 2
+        return Label(label, image.affine.copy())
+
+    out = tmp_path / "out"
+    facts = predict_run.predict_series(jobs[0], two_lesions, CLASSES, config, out)
+    assert [len(v) for v in facts["instances_ml"].values()] == [2, 1]
+    assert facts["instances_ml"][CLASSES[0]][0] > facts["instances_ml"][CLASSES[0]][1]  # largest first
+    assert_dciodvfy_ok(out / facts["outputs"]["dicom_seg"])
+    seg = hd.seg.segread(out / facts["outputs"]["dicom_seg"])
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert labels == [f"{CLASSES[0]} 1", f"{CLASSES[0]} 2", f"{CLASSES[1]} 1"]
+    assert [str(s.TrackingID) for s in seg.SegmentSequence] == labels
+    assert len({str(s.TrackingUID) for s in seg.SegmentSequence}) == 3
