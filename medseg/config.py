@@ -425,7 +425,9 @@ class PredictConfig(_Section):
 
     input_dir: Path | None = Field(None, description="folder of new scans for the workflow's predict_all target")
     model: str | None = Field(
-        None, description="checkpoint, MLflow run id or runs:/ URI for predict_all; default: the workflow's model"
+        None,
+        description="checkpoint, MLflow run id, runs:/ URI or models:/<name>@<alias> for predict_all; default: the "
+        "workflow's model",
     )
     segments: dict[str, SegmentConfig] = Field(
         {}, description="per class name: segment label, colour and codes; a class left out gets defaults"
