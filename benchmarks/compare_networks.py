@@ -39,7 +39,8 @@ def train_all(args: argparse.Namespace, uri: str) -> None:
             *(["--crf"] if network == args.crf_network else []),
         ]  # fmt: skip
         with (folder / "log.txt").open("w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+            # in its folder: hippocampus.py writes metrics.tsv and summary.json into the working directory
+            done = subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=False)
         print(f"{network}: exit {done.returncode} (log {folder / 'log.txt'})", flush=True)
 
 
