@@ -469,7 +469,7 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float | None = Field(
         10.0,
         gt=0,
-        description="training runs sample CPU, memory, disk (GPU with nvidia-ml-py) as system/* metrics "
+        description="training runs sample CPU, memory, disk (GPU through nvidia-ml-py) as system/* metrics "
         "every this many seconds (MLflow's system metrics); null: off",
     )
     register_model: bool = Field(

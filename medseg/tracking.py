@@ -90,8 +90,8 @@ def run(
 ) -> Iterator[str]:
     """Open (or re-open, by ``run_id``) an MLflow run; yields its id. Ends it as FAILED on an exception.
 
-    ``system_metrics``: MLflow samples CPU, memory, disk and network (and the GPUs, where nvidia-ml-py is
-    installed) every ``config.system_metrics_interval_s`` seconds into ``system/*`` metrics of the run.
+    ``system_metrics``: MLflow samples CPU, memory, disk and network (and NVIDIA GPUs, through nvidia-ml-py) every
+    ``config.system_metrics_interval_s`` seconds into ``system/*`` metrics of the run.
     """
     experiment_id = _experiment_id(config)
     sample = system_metrics and config.system_metrics_interval_s is not None
