@@ -141,7 +141,7 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     from medseg import distributed
     from medseg.train.run import run
 
-    nproc = distributed.processes(cfg.train.processes)
+    nproc = distributed.processes(cfg.train.processes, cfg.train.device)
     if nproc > 1 and not distributed.launched().active:
         distributed.relaunch(sys.argv[1:], nproc)  # DDP: this process becomes torchrun
 

@@ -115,10 +115,11 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def processes(requested: int | str) -> int:
-    """``train.processes`` as a number: ``auto`` is one per visible CUDA device (at least one)."""
+def processes(requested: int | str, device: str = "auto") -> int:
+    """``train.processes`` as a number: ``auto`` is one per visible CUDA device (at least one; one when
+    ``train.device`` is ``cpu``)."""
     if requested == "auto":
-        return max(1, torch.cuda.device_count())
+        return 1 if device == "cpu" else max(1, torch.cuda.device_count())
     return int(requested)
 
 

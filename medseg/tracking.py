@@ -275,6 +275,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def has_dataset_input(config: TrackingConfig, run_id: str) -> bool:
+    """Whether the run already has a dataset input (:func:`log_dataset`)."""
+    return bool(client(config).get_run(run_id).inputs.dataset_inputs)
+
+
 def log_dataset(manifest: Path, name: str, digest: str) -> None:
     """The data manifest as the run's MLflow dataset input (context ``training``): the dashboard's Datasets column."""
     import pandas as pd

@@ -163,22 +163,25 @@ def model_name(config: Config) -> str:
 
 
 def publish(config: Config, summary: dict[str, Any], checkpoint: Path, manifest_path: Path | None) -> str | None:
-    """After training (rank 0): the data manifest as the run's MLflow dataset input, and ``model.pt`` registered as
-    a new version of :func:`model_name` (once per run: a rerun of a finished training registers nothing new), tagged
-    with the best validation Dice and the manifest digest. Returns the version, or None when registration is off."""
+    """After training (rank 0): the data manifest as the run's MLflow dataset input (once), and ``model.pt``
+    registered as a new version of :func:`model_name` (once per run: a rerun of a finished training registers
+    nothing new), tagged with the best validation Dice and the manifest digest. Returns the version, or None when
+    ``tracking.register_model`` is off."""
+    run_id = summary["run_id"]
+    digest = manifest_digest(manifest_path) if manifest_path is not None else None
+    if manifest_path is not None and digest is not None and not tracking.has_dataset_input(config.tracking, run_id):
+        with tracking.run(config.tracking, run_id=run_id):
+            tracking.log_dataset(manifest_path, f"{config.dataset}-manifest", digest)
     if not config.tracking.register_model:
         return None
-    name, run_id = model_name(config), summary["run_id"]
+    name = model_name(config)
     try:
         return tracking.registered_version(config.tracking, run_id, name)
     except MedsegError:
         pass  # not registered yet
     tags = {"best_val_dice": f"{summary['best_val_dice']:.4f}", "dataset": config.dataset}
-    if manifest_path is not None:
-        digest = manifest_digest(manifest_path)
+    if digest is not None:
         tags["manifest_sha256"] = digest
-        with tracking.run(config.tracking, run_id=run_id):
-            tracking.log_dataset(manifest_path, f"{config.dataset}-manifest", digest)
     return tracking.register_model(config.tracking, run_id, name, checkpoint, tags).version
 
 

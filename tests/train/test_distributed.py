@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
+import torch
 
 from medseg import tracking
 from medseg.io import read_json, read_tsv
@@ -105,3 +107,14 @@ def _history_rows_in_last(out: Path) -> list[dict]:
     from medseg.models import load_state
 
     return load_state(out / "last.pt")["progress"]["history"]
+
+
+def test_auto_processes_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg import distributed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.processes("auto", "auto") == 4 and distributed.processes("auto", "cuda") == 4
+    assert distributed.processes("auto", "cpu") == 1  # a CPU run on a GPU machine: no gloo ranks
+    assert distributed.processes(2, "cpu") == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert distributed.processes("auto", "auto") == 1
