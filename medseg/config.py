@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -482,10 +483,15 @@ class TrackingConfig(_Section):
     @field_validator("uri")
     @classmethod
     def _no_credentials(cls, uri: str) -> str:
-        if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        try:
+            password = urlsplit(uri).password
+        except ValueError:  # e.g. an invalid port: let MLflow say what is wrong with it
+            password = None
+        if password is not None:
             raise ValueError(
-                "tracking.uri must not hold credentials (user:password@host): a config is committed and logged; "
-                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead"
+                "tracking.uri must not hold a password (user:password@host): a config is committed and logged; "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead (a database "
+                "URI such as postgresql://user@host/db takes its password from PGPASSWORD)"
             )
         return uri
 
