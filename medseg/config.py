@@ -36,6 +36,9 @@ class DemoDataConfig(_Section):
     """The synthetic demo cohort that `medseg demo-data` writes into ``paths.raw_dir``."""
 
     enabled: bool = True
+    kind: Literal["ct", "xray"] = Field(
+        "ct", description="ct: CT/NIfTI volumes per patient folder; xray: 2D chest radiographs (PNG, nnU-Net 2D layout)"
+    )
     n_patients: int = Field(14, ge=4)
     n_dicom: int = Field(8, ge=0, description="how many patients are written as DICOM series")
     seed: int = 7

@@ -103,7 +103,8 @@ def read_tsv(path: str | Path) -> list[dict[str, str]]:
 
 
 def read_volume(path: str | Path, kind: type[V], max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> V:
-    """Read a NIfTI (or anything nibabel reads), NRRD or MetaImage as an :class:`Image` or :class:`Label`.
+    """Read a NIfTI (or anything nibabel reads), NRRD, MetaImage, or a 2D PNG / JPEG (``X x Y x 1``, see
+    :func:`_read_planar`) as an :class:`Image` or :class:`Label`.
 
     The shape and data type the header declares are checked against ``max_image_mb`` before any voxel is read, and
     the affine must be finite and invertible (:func:`medseg.volume.check_affine`).
@@ -123,7 +124,9 @@ def read_volume(path: str | Path, kind: type[V], max_image_mb: float = DEFAULT_M
     """
     path = Path(path)
     try:
-        if path.name.lower().endswith(ITK_SUFFIXES):
+        if path.name.lower().endswith(PLANAR_SUFFIXES):
+            data, affine = _read_planar(path, max_image_mb, label=issubclass(kind, Label))
+        elif path.name.lower().endswith(ITK_SUFFIXES):
             data, affine = _read_itk(path, max_image_mb)
         else:
             img = nib.load(str(path))
@@ -171,6 +174,33 @@ def _check_declared_size(path: Path, shape: Sequence[int], itemsize: int, type_n
             f"{path.name}: the header declares {dims} voxels of {type_name} ({declared / 2**20:.0f} MiB), over "
             f"ingest.max_image_mb={max_image_mb:g}: not read (raise the limit if the image is real)"
         )
+
+
+PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_planar(path: Path, max_image_mb: float, label: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A PNG or JPEG (a 2D image: a radiograph export, an nnU-Net 2D dataset) as ``(X, Y, 1)`` with 1 mm pixels
+    (these formats carry no spacing; nnU-Net assumes 1 too). Colour images become grey (ITU-R 601 luma); a label
+    must be single-channel, and a binary mask stored as 0/255 becomes 0/1."""
+    import SimpleITK as sitk  # noqa: N813
+
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 2:
+        raise ImageReadError(f"{path}: expected a 2D picture, got {reader.GetDimension()} dimensions")
+    channels = reader.GetNumberOfComponents()
+    _check_declared_size(path, [*reader.GetSize(), channels], 8, "up to 8 bytes", max_image_mb)
+    data = sitk.GetArrayFromImage(reader.Execute())  # (Y, X[, C])
+    if data.ndim == 3:
+        if label and not all(np.array_equal(data[..., 0], data[..., c]) for c in range(1, min(data.shape[2], 3))):
+            raise ImageReadError(f"{path}: a label picture must be single-channel (grey), not colour")
+        data = data[..., 0] if label else data[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114])
+    if label and set(np.unique(data).tolist()) <= {0, 255}:
+        data = (data > 0).astype(np.uint8)
+    return np.ascontiguousarray(data.T)[..., None], np.eye(4)
 
 
 def _read_itk(path: Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, np.ndarray]:

@@ -37,11 +37,13 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def layered(user: dict[str, Any], configs: Path = CONFIGS) -> dict[str, Any]:
-    """The library defaults, the demo recipe while the demo is on, then the user's config."""
+    """The library defaults, the demo recipe while the demo is on (``configs/demo.yaml``, or ``demo_xray.yaml`` for
+    ``demo_data.kind: xray``), then the user's config."""
     base = yaml.safe_load((configs / "default.yaml").read_text()) or {}
-    demo_on = merge(base, user).get("demo_data", {}).get("enabled", True)
-    if demo_on:
-        base = merge(base, yaml.safe_load((configs / "demo.yaml").read_text()) or {})
+    demo = merge(base, user).get("demo_data", {})
+    if demo.get("enabled", True):
+        recipe = "demo_xray.yaml" if demo.get("kind", "ct") == "xray" else "demo.yaml"
+        base = merge(base, yaml.safe_load((configs / recipe).read_text()) or {})
     return merge(base, user)
 
 

@@ -174,3 +174,38 @@ def test_two_fold_workflow_ensembles_both_folds(repo: Path, tmp_path: Path, monk
     assert sorted(r.data.tags.get("fold", "ensemble") for r in runs) == ["0", "1", "ensemble"]
     ensemble_run = next(r for r in runs if "fold" not in r.data.tags)
     assert "test_dice_organ_a" in ensemble_run.data.metrics  # evaluate logs into the ensemble's run
+
+
+def test_tiny_2d_radiograph_workflow_end_to_end(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2D demo (demo_data.kind: xray): PNG radiographs in an nnU-Net 2D dataset, binary lung fields, Dice+BCE,
+    through the whole workflow; metrics on 2D boundaries."""
+    tiny = tmp_path / "xray.yaml"
+    tiny.write_text(
+        "demo_data: {kind: xray, n_patients: 8, shape_vox: [64, 64, 1]}\n"
+        "train: {epochs: 2, iterations_per_epoch: 2, val_every_epochs: 1, channels: [8, 16, 32], strides: [2, 2],"
+        " patch_size_vox: [64, 64, 1], batch_size: 4}\n"
+        "tracking: {experiment: medseg-xray-tiny}\n"
+    )
+    result = _snakemake(repo, tmp_path, "--cores", "2", "--configfile", str(tiny))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tmp_path / "results" / "config.yaml")
+    assert config.classes == ["lung"] and config.train.spatial_dims == 2 and config.train.loss == "dice_bce"
+    wf = Workflow(config)
+    entries = read_manifest(wf.manifest)
+    assert len(entries) == 8
+    test = [e for e in entries if e.split == "test"]
+    for e in test:
+        image = read_volume(e.image, Image)
+        assert image.spatial_shape == (64, 64, 1)
+        prediction = read_volume(wf.stage_dir("postprocess") / f"{e.patient_id}.nii.gz", Label)
+        assert prediction.spatial_shape == (64, 64, 1)
+    rows = read_tsv(wf.stage_dir("evaluate") / "metrics.tsv")
+    assert sorted(r["patient_id"] for r in rows) == sorted(e.patient_id for e in test)
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and r["class"] == "lung"
+        assert float(r["n_ref_instances"]) == 2  # two lung fields per radiograph
+    assert (wf.stage_dir("report") / "report.html").exists()
+    mlflow = _client(config, tmp_path)
+    run = mlflow.search_runs([mlflow.get_experiment_by_name("medseg-xray-tiny").experiment_id])[0]
+    assert "test_dice_lung" in run.data.metrics and run.data.params["train.spatial_dims"] == "2"

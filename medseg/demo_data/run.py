@@ -7,6 +7,9 @@ exports do, so that ingest has identity to pseudonymise)::
     DEMO0003/label.nii.gz           its mask on the same grid
     DEMO0011/image.nii.gz           a NIfTI image (other patients; some not in RAS order)
     DEMO0011/label.nii.gz
+
+With ``demo_data.kind: xray``: synthetic chest radiographs as an nnU-Net 2D dataset (see
+:mod:`medseg.demo_data.xray`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from medseg.config import Config
 from medseg.demo_data.dicom import Identity, SeriesGeometry, write_ct_series
 from medseg.demo_data.phantom import random_phantom, render
+from medseg.demo_data.xray import write_dataset
 from medseg.io import write_volume
 from medseg.volume import Image, Label
 
@@ -51,6 +55,11 @@ def run(config: Config, output_dir: Path) -> list[Path]:
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    if demo.kind == "xray":  # the 2D cohort: an nnU-Net 2D dataset of PNG radiographs
+        write_dataset(config, staging)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        staging.rename(output_dir)
+        return [output_dir]
     folders = []
     n_dicom = min(demo.n_dicom, demo.n_patients)
     for index in range(demo.n_patients):

@@ -128,7 +128,14 @@ CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def _strip_volume_suffix(name: str) -> str:
-    return re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd)$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"\.(nii\.gz|nii|nrrd|mha|mhd|png|jpe?g)$", "", name, flags=re.IGNORECASE)
+
+
+PLANAR_SUFFIXES = (".png", ".jpg", ".jpeg")  # 2D pictures: only inside a dataset folder, where dataset.json says so
+
+
+def _is_dataset_file(path: Path) -> bool:
+    return _is_volume_file(path) or path.name.lower().endswith(PLANAR_SUFFIXES)
 
 
 MR_NAMES = {"MR", "MRI", "T1", "T1W", "T2", "T2W", "FLAIR", "ADC", "DWI", "T1GD", "T1C", "PD"}
@@ -151,6 +158,7 @@ def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tu
 
     MSD names image and label alike (``case.nii.gz``); nnU-Net v2 adds a channel suffix to the image
     (``case_0000.nii.gz``). Only single-channel cases are supported: a second channel is reported, not guessed.
+    nnU-Net's 2D datasets (``"file_ending": ".png"``) hold PNG or JPEG pictures: read as ``X x Y x 1`` images.
     """
     cases: list[Case] = []
     failures: list[tuple[str, str]] = []
@@ -162,11 +170,11 @@ def _dataset_folder_cases(folder: Path, root: Path) -> tuple[list[Case], list[tu
         labels = {
             _strip_volume_suffix(p.name): p
             for p in (labels_dir.iterdir() if labels_dir.is_dir() else [])
-            if _is_volume_file(p) and not p.name.startswith(".")
+            if _is_dataset_file(p) and not p.name.startswith(".")
         }
         by_case: dict[str, list[Path]] = defaultdict(list)
         for path in sorted(images_dir.iterdir()):
-            if not _is_volume_file(path) or path.name.startswith("."):
+            if not _is_dataset_file(path) or path.name.startswith("."):
                 continue
             stem = _strip_volume_suffix(path.name)
             match = CHANNEL_SUFFIX.match(stem)

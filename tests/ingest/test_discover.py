@@ -92,3 +92,34 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     tracked = cli._track(items, "ingest", 3)
     assert tracked is not items and list(tracked) == items
+
+
+def test_a_2d_dataset_of_png_and_jpeg_pictures(tmp_path):
+    """An nnU-Net 2D dataset: PNG/JPEG pictures become X x Y x 1 images; colour becomes grey, a 0/255 mask 0/1; a
+    colour mask is refused with the file named, and the other cases go on."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "in"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "DX"}, "file_ending": ".png"}))
+    rng = np.random.default_rng(0)
+    mask = np.zeros((30, 40), np.uint8)  # rows x columns
+    mask[5:15, 10:30] = 255
+    grey = rng.integers(0, 255, (30, 40), dtype=np.uint8)
+    PILImage.fromarray(grey).save(root / "imagesTr" / "a_0000.png")
+    PILImage.fromarray(mask).save(root / "labelsTr" / "a.png")
+    PILImage.fromarray(np.stack([grey] * 3, -1)).save(root / "imagesTr" / "b_0000.jpg", quality=95)  # colour JPEG
+    PILImage.fromarray((mask > 0).astype(np.uint8)).save(root / "labelsTr" / "b.png")
+    PILImage.fromarray(grey).save(root / "imagesTr" / "c_0000.png")
+    PILImage.fromarray(np.stack([mask, mask * 0, mask], -1)).save(root / "labelsTr" / "c.png")  # a colour mask
+    image = read_volume(root / "imagesTr" / "a_0000.png", Image)
+    assert image.spatial_shape == (40, 30, 1) and image.spacing == (1.0, 1.0, 1.0)
+    assert np.array_equal(image.array[0, :, :, 0], grey.T)  # X = columns, Y = rows
+    label = read_volume(root / "labelsTr" / "a.png", Label)
+    assert set(np.unique(label.array)) == {0, 1} and int(label.array.sum()) == 200
+    assert read_volume(root / "imagesTr" / "b_0000.jpg", Image).spatial_shape == (40, 30, 1)
+    result = run(_config(tmp_path, classes=1), root, tmp_path / "out", tmp_path / "m.tsv")
+    assert sorted(r["split"] != "unlabelled" for r in result.rows).count(True) == 2
+    assert len(result.failures) == 1 and "single-channel" in result.failures[0]["reason"]
+    assert "labelsTr/c.png" in result.failures[0]["reason"]  # the file and the problem
