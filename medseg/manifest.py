@@ -7,7 +7,6 @@ studies of one person fall into the same split. ``split`` is ``train``, ``val``,
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from medseg.config import SplitConfig
 from medseg.errors import ManifestError
-from medseg.io import read_tsv
+from medseg.io import file_sha256, read_tsv
 
 MANIFEST_COLUMNS = ["patient_id", "subject_id", "image", "label", "split", "modality"]
 OPTIONAL_COLUMNS = {"modality"}  # manifests written before it existed read as modality ""
@@ -89,4 +88,4 @@ def select(entries: list[Entry], *splits: str) -> list[Entry]:
 
 def manifest_digest(path: str | Path) -> str:
     """SHA-256 (first 16 hex) of the manifest file: tags a training run with the exact data it saw."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]

@@ -8,7 +8,6 @@ writes its id to ``run.json``; later stages (``evaluate``) log into the same run
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig
 from medseg.errors import MedsegError, TrackingError
+from medseg.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +265,6 @@ def resolve_registered(config: TrackingConfig, uri: str) -> RegisteredModel:
     if not sha or not found.run_id:
         raise MedsegError(f"--model {uri}: version {found.version} was not registered by medseg (no checksum tag)")
     return RegisteredModel(name, str(found.version), found.run_id, sha)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def has_dataset_input(config: TrackingConfig, run_id: str) -> bool:

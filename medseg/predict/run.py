@@ -54,7 +54,7 @@ from medseg.errors import ConfigError, GeometryError, MedsegError, ModelLoadErro
 from medseg.ingest.dicom import read_series
 from medseg.ingest.discover import discover, rank_series
 from medseg.ingest.pseudonym import Redactor, debug_traceback, load_or_create_key, pseudonym
-from medseg.io import read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
+from medseg.io import file_sha256, read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
 from medseg.metrics import instance_volumes
 from medseg.predict.commit import remove_partials, staged
 from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
@@ -242,7 +242,7 @@ def _registry_model(reference: str, config: Config, cache_dir: Path) -> ModelSou
         os.replace(local, final)  # whole files only; a racing job's identical copy may win, which is fine
         shutil.rmtree(staging, ignore_errors=True)
         log.info("downloaded %s (models:/%s/%s)", registered.label, registered.name, registered.version)
-    actual = tracking.file_sha256(final)
+    actual = file_sha256(final)
     if actual != registered.sha256:
         raise ModelLoadError(
             f"--model {reference}: the downloaded model.pt of {registered.label} has SHA-256 {actual[:12]}..., the "
@@ -252,16 +252,18 @@ def _registry_model(reference: str, config: Config, cache_dir: Path) -> ModelSou
     return ModelSource(final, registered)
 
 
-def model_identity(checkpoint: Path, config: Config) -> str:
-    """What a finished series was made with: the checkpoint's bytes and the settings that shape the outputs."""
-    digest = hashlib.sha256()
-    with checkpoint.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+def model_identity(checkpoint: Path, config: Config, sha256: str | None = None) -> str:
+    """What a finished series was made with: the checkpoint's bytes (``sha256`` when already known) and the
+    settings that shape the outputs (infer, the CRF refinement infer applies, predict)."""
     # Where the scans are and how the model was named do not change a series' outputs.
     predict = config.predict.model_dump(mode="json", exclude={"input_dir", "model"})
-    settings = json.dumps({"infer": config.infer.model_dump(mode="json"), "predict": predict}, sort_keys=True)
-    return hashlib.sha256((digest.hexdigest() + settings).encode()).hexdigest()[:16]
+    settings = {
+        "infer": config.infer.model_dump(mode="json"),
+        "crf": config.postprocess.crf.model_dump(mode="json"),
+        "predict": predict,
+    }
+    text = (sha256 or file_sha256(checkpoint)) + json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def outputs(output_dir: Path, job: SeriesJob) -> dict[str, Path]:
@@ -512,7 +514,7 @@ def run(
     remove_partials(folders, None if series_ids is None else [j.stem for j in jobs])
     source = resolve_model(model, config, output_dir / ".model")
     checkpoint, registered = source.path, source.registered
-    model_id = model_identity(checkpoint, config)
+    model_id = model_identity(checkpoint, config, registered.sha256 if registered else None)
     provenance = {"model_name": registered.name, "model_version": registered.version} if registered else {}
     state: dict[str, Any] = {}
 

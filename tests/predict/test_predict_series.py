@@ -13,7 +13,7 @@ import pytest
 from predict_helpers import CLASSES, assert_dciodvfy_ok, save_checkpoint, tiny_config, write_series
 
 from medseg import cli
-from medseg.config import Config
+from medseg.config import Config, CrfConfig
 from medseg.errors import MedsegError, ModelLoadError
 from medseg.io import read_tsv, read_volume
 from medseg.predict import run as predict_run
@@ -221,3 +221,16 @@ def test_one_segment_per_instance_on_request(tmp_path: Path) -> None:
     assert labels == [f"{CLASSES[0]} 1", f"{CLASSES[0]} 2", f"{CLASSES[1]} 1"]
     assert [str(s.TrackingID) for s in seg.SegmentSequence] == labels
     assert len({str(s.TrackingUID) for s in seg.SegmentSequence}) == 3
+
+
+def test_a_finished_series_is_redone_when_a_setting_that_shapes_it_changes(tmp_path: Path, tiny: tuple) -> None:
+    config, checkpoint = tiny
+    base = predict_run.model_identity(checkpoint, config)
+    assert base == predict_run.model_identity(checkpoint, config, predict_run.file_sha256(checkpoint))
+    crf = config.model_copy(
+        update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True)})}
+    )
+    instances = config.model_copy(update={"predict": config.predict.model_copy(update={"seg_instances": True})})
+    assert (
+        len({base, predict_run.model_identity(checkpoint, crf), predict_run.model_identity(checkpoint, instances)}) == 3
+    )

@@ -18,7 +18,7 @@ from medseg import tracking
 from medseg.config import Config, CrfConfig, load_config, validate_config
 from medseg.evaluate.run import score_patient
 from medseg.infer.run import run as infer_run
-from medseg.io import read_json, read_tsv
+from medseg.io import file_sha256, read_json, read_tsv
 from medseg.manifest import read_manifest
 from medseg.models import load_checkpoint
 from medseg.plan.run import run as plan_stage
@@ -68,7 +68,7 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     # registered once as a version of medseg-<dataset>, with its checksum; the manifest is the run's dataset input
     query = f"name = 'medseg-tiny' and run_id = '{summary['run_id']}'"
     versions = client.search_model_versions(query)
-    assert len(versions) == 1 and versions[0].tags["model_sha256"] == tracking.file_sha256(out / "model.pt")
+    assert len(versions) == 1 and versions[0].tags["model_sha256"] == file_sha256(out / "model.pt")
     assert versions[0].tags["manifest_sha256"] == tags["manifest_sha256"]
     assert client.get_run(summary["run_id"]).inputs.dataset_inputs[0].dataset.name == "tiny-manifest"
     run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)  # finished: nothing new registered
