@@ -196,6 +196,18 @@ def _infer(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if failures and not args.skips_ok else 0
 
 
+def _refine(cfg: Config, args: argparse.Namespace) -> int:
+    from medseg.device import set_torch_threads
+    from medseg.infer.run import refine
+
+    usable_file(Path(args.output), "--output")
+    set_torch_threads(args.threads)
+    mask = Path(args.mask) if args.mask else None
+    out = refine(cfg, Path(args.model), Path(args.image), Path(args.clicks), Path(args.output), mask)
+    log.info("corrected mask written to %s", out)
+    return 0
+
+
 def _postprocess(cfg: Config, args: argparse.Namespace) -> int:
     from medseg.postprocess.run import run, run_many
 
@@ -392,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", default=None, help="JSON written last, listing the patients done (workflow shards)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skips-ok", action="store_true", help="exit 0 even if some patients failed")
+
+    p = command(
+        "refine",
+        _refine,
+        "correct a mask with a few clicks, using a model trained with train.clicks (DeepEdit-style guidance)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint (model.pt) of a click-guided training")
+    p.add_argument("--image", required=True, help="the image (NIfTI), on whose grid the mask and the clicks are")
+    p.add_argument("--mask", default=None, help="the mask to correct (default: none, segment from the clicks)")
+    p.add_argument(
+        "--clicks",
+        required=True,
+        help='JSON: {"clicks": [{"class": "<name>" | "background", "voxel": [i, j, k]} | {..., "ras_mm": [x, y, z]}]}',
+    )
+    p.add_argument("--output", required=True, help="the corrected mask (NIfTI) to write")
+    p.add_argument("--threads", type=int, default=1)
 
     p = command("postprocess", _postprocess, "per-class clean-up: small components, largest N, holes")
     p.add_argument("--input", default=None, help="one label file (with --output)")

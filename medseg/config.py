@@ -155,6 +155,19 @@ class AugmentConfig(_Section):
     gamma_range: tuple[float, float] = (0.7, 1.5)
 
 
+class ClicksConfig(_Section):
+    """Click-guided training (DeepEdit-style, see :mod:`medseg.clicks`): the network also sees one guidance channel
+    per class (Gaussian blobs at the clicks on that class; a background click says "not this") and the mask being
+    corrected, so ``medseg refine`` can correct a mask from a few clicks. Changes the network's input channels."""
+
+    enabled: bool = False
+    auto_prob: float = Field(
+        0.3, ge=0, le=1, description="share of training patches without clicks or a mask (the model stays automatic)"
+    )
+    max_clicks: int = Field(5, ge=1, le=50, description="simulated corrective clicks per patch: 1 to this many")
+    sigma_vox: float = Field(2.0, gt=0, description="Gaussian width of a click's guidance blob, network-grid voxels")
+
+
 class TrainConfig(_Section):
     """Training. Keys left ``null`` are resolved from the data plan (``plan.json``); a value here overrides it."""
 
@@ -214,6 +227,7 @@ class TrainConfig(_Section):
     samples_per_volume: int = Field(1, ge=1, description="patches cut from one volume per draw")
     foreground_fraction: float = Field(0.67, ge=0, le=1, description="share of patches centred on foreground")
     augment: AugmentConfig = AugmentConfig()
+    clicks: ClicksConfig = ClicksConfig()
     val_every_epochs: int = Field(5, ge=1)
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many validations without improvement"

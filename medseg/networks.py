@@ -1,9 +1,10 @@
 """Network construction from config: MONAI's ``DynUNet`` (nnU-Net-style, deep supervision), ``UNet``, ``SegResNet``,
 ``SwinUNETR`` and ``UNETR`` (transformer encoders), and :class:`DeepLab` (atrous residual encoder, ASPP head).
 
-Every network takes ``(B, 1, X, Y, Z)`` and returns logits ``(B, C, X, Y, Z)`` (background included). A 2D
-network (``spatial_dims: 2``) is wrapped so that it sees each XY slice alone but still takes and returns 3D
-tensors: training, sliding-window validation, ``medseg infer`` and the checkpoint format stay the same for 2D.
+Every network takes ``(B, 1, X, Y, Z)`` (a click-guided one more channels, :mod:`medseg.clicks`) and returns
+logits ``(B, C, X, Y, Z)`` (background included). A 2D network (``spatial_dims: 2``) is wrapped so that it sees
+each XY slice alone but still takes and returns 3D tensors: training, sliding-window validation, ``medseg infer``
+and the checkpoint format stay the same for 2D.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from monai.networks.blocks import Convolution, ResidualUnit, SimpleASPP
 from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR, UNet
 from torch.nn.functional import interpolate
 
+from medseg.clicks import input_channels
 from medseg.config import TrainConfig
 from medseg.plan.functional import PATCH_MULTIPLE
 
@@ -60,6 +62,7 @@ class DeepLab(torch.nn.Module):
         channels: list[int],
         strides: list[list[int]],
         dilations: tuple[int, ...] = (2, 4, 6),
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         if len(channels) < 3:
@@ -67,7 +70,7 @@ class DeepLab(torch.nn.Module):
         dims = spatial_dims
         norm = ("instance", {"affine": True})
         down = [strides[0] if strides else [2] * dims, strides[1] if len(strides) > 1 else [2] * dims]
-        self.stem = ResidualUnit(dims, 1, channels[0], strides=1, norm=norm)
+        self.stem = ResidualUnit(dims, in_channels, channels[0], strides=1, norm=norm)
         self.low = ResidualUnit(dims, channels[0], channels[1], strides=down[0], norm=norm)
         self.down = ResidualUnit(dims, channels[1], channels[2], strides=down[1], norm=norm)
         atrous = []
@@ -104,7 +107,7 @@ def _per_axis(value: int | tuple[int, ...], dims: int) -> list[int]:
 
 
 def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | None = None) -> torch.nn.Module:
-    """The configured network with one input channel and ``num_classes`` outputs.
+    """The configured network: one input channel (the image; more with ``train.clicks``), ``num_classes`` outputs.
 
     Args:
         config: a train config resolved by the plan (``channels``, ``strides``, ``kernel_sizes`` set).
@@ -118,6 +121,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
     if config.channels is None or config.strides is None or config.network == "auto":
         raise ValueError("train.network, channels and strides must be resolved by the plan (medseg.plan) first")
     channels = list(config.channels)
+    inputs = input_channels(config, num_classes)  # 1, or more for a click-guided model (medseg.clicks)
     strides = [_per_axis(s, dims) for s in config.strides]
     net: torch.nn.Module
     if config.network == "dynunet":
@@ -125,7 +129,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
         supervised = config.deep_supervision and len(channels) >= 3  # heads need two decoder levels at least
         net = DynUNet(
             spatial_dims=dims,
-            in_channels=1,
+            in_channels=inputs,
             out_channels=num_classes,
             kernel_size=kernels,
             strides=[[1] * dims, *strides],
@@ -139,7 +143,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
     elif config.network == "unet":
         net = UNet(
             spatial_dims=dims,
-            in_channels=1,
+            in_channels=inputs,
             out_channels=num_classes,
             channels=channels,
             strides=strides,
@@ -147,10 +151,10 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
             norm="instance",
         )
     elif config.network == "deeplab":
-        net = DeepLab(dims, num_classes, channels, strides)
+        net = DeepLab(dims, num_classes, channels, strides, in_channels=inputs)
     elif config.network == "swin_unetr":
         net = SwinUNETR(
-            in_channels=1,
+            in_channels=inputs,
             out_channels=num_classes,
             feature_size=12 * max(1, round(channels[0] / 12)),  # a multiple of 12 (its attention heads)
             spatial_dims=dims,
@@ -161,7 +165,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
         if not patch or any(p % PATCH_MULTIPLE["unetr"] for p in patch):
             raise ValueError(f"train.network unetr needs a patch divisible by 16 per axis, got {patch}")
         net = UNETR(
-            in_channels=1,
+            in_channels=inputs,
             out_channels=num_classes,
             img_size=patch,
             feature_size=channels[0],
@@ -172,7 +176,7 @@ def build_network(config: TrainConfig, num_classes: int, spatial_dims: int | Non
         net = SegResNet(
             spatial_dims=dims,
             init_filters=channels[0],
-            in_channels=1,
+            in_channels=inputs,
             out_channels=num_classes,
             blocks_down=tuple([1, 2, 2, 4, 4, 4][: len(channels)]),
             blocks_up=tuple([1] * (len(channels) - 1)),

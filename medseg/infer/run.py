@@ -11,23 +11,33 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from medseg.clicks import Click, guidance, read_clicks, to_grid
 from medseg.config import Config
 from medseg.device import select_device
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError, GeometryError, MedsegError, ModelLoadError
 from medseg.io import read_volume, write_json, write_volume
 from medseg.manifest import Entry
 from medseg.models import load_model
 from medseg.postprocess import crf
-from medseg.resample.functional import preprocess
+from medseg.resample.functional import preprocess, resample_to_grid
 from medseg.sliding_window import predict_probabilities, to_original_grid_bounded
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
 
 
-def predict(model: torch.nn.Module, trained: Config, image: Image, config: Config, device: torch.device) -> Label:
+def predict(
+    model: torch.nn.Module,
+    trained: Config,
+    image: Image,
+    config: Config,
+    device: torch.device,
+    clicks: Sequence[Click] = (),
+    prior: Label | None = None,
+) -> Label:
     """Predict a canonical image; the label comes back on the image's own grid.
 
     Args:
@@ -37,6 +47,9 @@ def predict(model: torch.nn.Module, trained: Config, image: Image, config: Confi
         config: the live config: its ``infer`` section, and ``postprocess.crf`` (CRF refinement of the
             probabilities before the argmax, when enabled).
         device: where the windows run.
+        clicks: for a click-guided model (``train.clicks``), clicks on the image's grid (:mod:`medseg.clicks`);
+            none: its automatic prediction.
+        prior: for a click-guided model, the mask being corrected, on the image's grid (none: no mask).
 
     Returns:
         The uint8 label ``(1, X, Y, Z)`` with the image's affine. Memory beyond the input stays bounded: the
@@ -46,7 +59,16 @@ def predict(model: torch.nn.Module, trained: Config, image: Image, config: Confi
     if patch is None:
         raise ConfigError("the checkpoint's config has no train.patch_size_vox: it was not written by `medseg train`")
     prepared = preprocess(image, trained.resample)
-    probabilities = predict_probabilities(model, prepared, patch, config.infer, device)
+    network_input = prepared
+    if trained.train.clicks.enabled:  # guidance and prior channels on the network's grid
+        on_grid = to_grid(clicks, image.affine, prepared.affine, prepared.spatial_shape)
+        moved = None if prior is None else resample_to_grid(prior, prepared.affine, prepared.spatial_shape).array[0]
+        extra = guidance(prepared.spatial_shape, on_grid, trained.num_classes, trained.train.clicks, moved)
+        network_input = Image(np.concatenate([prepared.array, extra]), prepared.affine)
+    elif clicks or prior is not None:
+        raise ConfigError("this model was not trained with clicks (train.clicks.enabled): it takes no clicks or mask")
+    probabilities = predict_probabilities(model, network_input, patch, config.infer, device)
+    del network_input
     if config.postprocess.crf.enabled:
         refined = crf.refine(
             torch.as_tensor(probabilities.array),
@@ -65,6 +87,45 @@ def run(config: Config, checkpoint: Path, image_path: Path, output_path: Path) -
     model, trained = load_model(checkpoint, device)
     image = read_volume(image_path, Image)
     return write_volume(predict(model, trained, image, config, device), output_path)
+
+
+def refine(
+    config: Config, checkpoint: Path, image_path: Path, clicks_path: Path, output_path: Path, mask_path: Path | None
+) -> Path:
+    """`medseg refine`: a click-guided model (``train.clicks``) corrects ``mask_path`` (or segments from the clicks
+    alone, without a mask) given the clicks in ``clicks_path`` (:func:`medseg.clicks.read_clicks`); the corrected
+    mask goes to ``output_path`` on the image's grid.
+
+    Raises:
+        ModelLoadError: the model was not trained with clicks.
+        GeometryError: the mask is not on the image's grid.
+        ConfigError: a click is malformed or outside the image.
+    """
+    device = select_device(config.infer.device)
+    model, trained = load_model(checkpoint, device)
+    if not trained.train.clicks.enabled:
+        raise ModelLoadError(
+            f"{checkpoint.name} was not trained with clicks: train one with train.clicks.enabled: true to refine masks"
+        )
+    image = read_volume(image_path, Image)
+    prior = None
+    if mask_path is not None:
+        prior = read_volume(mask_path, Label)
+        same_grid = prior.spatial_shape == image.spatial_shape and np.allclose(prior.affine, image.affine, atol=1e-3)
+        if not same_grid:
+            raise GeometryError(
+                f"{mask_path.name}: the mask is not on the grid of {image_path.name} (shape "
+                f"{list(prior.spatial_shape)} vs {list(image.spatial_shape)}, or another affine): give the mask "
+                "predicted on this image"
+            )
+        if int(prior.array.max(initial=0)) >= trained.num_classes:
+            raise GeometryError(
+                f"{mask_path.name}: holds label {int(prior.array.max())}, the model knows "
+                f"{trained.num_classes - 1} classes"
+            )
+    clicks = read_clicks(clicks_path, trained.classes, image.affine, image.spatial_shape)
+    log.info("refining with %d click(s)%s", len(clicks), " on the given mask" if prior is not None else "")
+    return write_volume(predict(model, trained, image, config, device, clicks, prior), output_path)
 
 
 def run_many(

@@ -17,6 +17,7 @@ from medseg.io import PARTIAL_MARK, partial_path
 
 log = logging.getLogger(__name__)
 
+
 class Staging:
     """Temporary files of one series' outputs, renamed onto their final names by :meth:`commit`.
 

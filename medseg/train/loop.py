@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medseg import tracking
+from medseg.clicks import ClickSimulator, extra_channels
 from medseg.config import Config, Recipe, TrainConfig, recipe_of
 from medseg.device import ThreadTuner
 from medseg.distributed import SINGLE, Ranks
@@ -170,8 +171,12 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
     scores = []
     n = config.num_classes
     infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
+    extra = extra_channels(config.train, n)  # a click-guided model is validated as it predicts without clicks
     for item in items:
-        probs = predict_probabilities(model, Image(item["image"], np.eye(4)), patch, infer, device)
+        image = np.asarray(item["image"], np.float32)
+        if extra:
+            image = np.concatenate([image, np.zeros((extra, *image.shape[1:]), np.float32)])
+        probs = predict_probabilities(model, Image(image, np.eye(4)), patch, infer, device)
         pred = torch.as_tensor(probs.array.argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
         true = torch.as_tensor(np.asarray(item["label"][0])).long().clamp(0, n - 1)
@@ -402,6 +407,8 @@ class Trainer:
         self.loader = BatchLoader(
             train_items, self.cfg, workers, pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world
         )
+        clicks = self.cfg.clicks
+        self.clicks = ClickSimulator(clicks, config.num_classes, self.cfg.seed, ranks.rank) if clicks.enabled else None
         self.budget_s = 60.0 * self.cfg.max_minutes if self.cfg.max_minutes else math.inf
         self.progress = Progress()
         self.stopped = ""
@@ -438,14 +445,17 @@ class Trainer:
         self.model.train()
         start, losses, samples, crc = time.perf_counter(), [], 0, 0
         last = start
-        for batch in self.loader.epoch(epoch):
+        for step, batch in enumerate(self.loader.epoch(epoch)):
             # what was drawn, for the record (a resumed run draws the same): every mask, the first image (0.3 ms)
             for part in (batch["label"], batch["image"][0]):
                 crc = zlib.crc32(memoryview(part.contiguous().numpy()).cast("B"), crc)
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
+            autocast = torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype))
+            if self.clicks is not None:  # guidance channels from simulated clicks on the model's own prediction
+                image = self.clicks(self.model, image, label, epoch, step, autocast)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+            with autocast:
                 output = self.step_model(image)
             loss = self.loss_fn(_float(output), label)  # the loss in float32, as nnU-Net computes it
             self.scaler.scale(loss).backward()
@@ -555,13 +565,14 @@ class Trainer:
         for path, folder in [*own, *artifacts]:
             tracking.log_artifact(path, folder)
         if self.cfg.log_model:
-            _log_mlflow_model(out / "model.pt", self.cfg.patch_size_vox)
+            channels = 1 + extra_channels(self.cfg, self.config.num_classes)
+            _log_mlflow_model(out / "model.pt", self.cfg.patch_size_vox, channels)
 
 
-def _log_mlflow_model(checkpoint: Path, patch_size_vox: tuple[int, int, int]) -> None:
+def _log_mlflow_model(checkpoint: Path, patch_size_vox: tuple[int, int, int], channels: int = 1) -> None:
     """The best model as an MLflow pytorch model, with a one-patch input example and its output."""
     model = load_checkpoint(checkpoint).network("cpu")
-    example = np.zeros((1, 1, *patch_size_vox), dtype=np.float32)
+    example = np.zeros((1, channels, *patch_size_vox), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.as_tensor(example)).numpy()
     tracking.log_pytorch_model(model, example, output)
