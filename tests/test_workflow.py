@@ -11,8 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from predict.predict_helpers import assert_dciodvfy_ok
 
+from medseg import cli
 from medseg.config import load_config
+from medseg.demo_data.dicom import Identity, write_dx_image
+from medseg.demo_data.xray import radiograph
 from medseg.io import read_json, read_tsv, read_volume
 from medseg.manifest import read_manifest
 from medseg.tracking import client
@@ -209,3 +213,23 @@ def test_tiny_2d_radiograph_workflow_end_to_end(repo: Path, tmp_path: Path, monk
     mlflow = _client(config, tmp_path)
     run = mlflow.search_runs([mlflow.get_experiment_by_name("medseg-xray-tiny").experiment_id])[0]
     assert "test_dice_lung" in run.data.metrics and run.data.params["train.spatial_dims"] == "2"
+
+    # the trained model on new radiographs: DICOM DX (each answered with a DICOM-SEG) and PNGs in a dataset folder
+    new = tmp_path / "new"
+    for i in range(2):
+        picture, _ = radiograph(np.random.default_rng(100 + i), (64, 64))
+        write_dx_image(picture, 1.0, Identity(f"Roe^Richard{i}", f"MRN-55{i}"), new / f"Roe_Richard{i}" / "chest.dcm")
+    (new / "pngs" / "imagesTs").mkdir(parents=True)
+    shutil.copy(next((tmp_path / "data" / "demo_raw" / "imagesTr").glob("*.png")), new / "pngs" / "imagesTs")
+    shutil.copy(tmp_path / "data" / "demo_raw" / "dataset.json", new / "pngs")
+    out = tmp_path / "predicted"
+    args = ["predict", "--config", "results/config.yaml", "--model", str(wf.model), "--input", str(new)]
+    assert cli.main([*args, "--output", str(out)]) == 0
+    records = read_tsv(out / "summary.tsv")
+    assert sorted(r["source_format"] for r in records) == ["dicom", "dicom", "nifti"]
+    assert all(r["status"] == "predicted" for r in records)
+    segs = sorted(out.rglob("*.dcm"))
+    assert len(segs) == 2
+    for seg in segs:
+        assert_dciodvfy_ok(seg)
+    assert not any("Roe" in str(p) or "MRN" in str(p) for p in out.rglob("*"))

@@ -1,4 +1,4 @@
-"""Write a volume as a CT DICOM series, one file per slice, the way a scanner exports it.
+"""Write a volume as a CT DICOM series, one file per slice, the way a scanner exports it; a radiograph as a DX image.
 
 Used for the demo cohort and by tests that need DICOM with known geometry or planted identity values.
 """
@@ -10,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from medseg.io import atomic_path
 
@@ -98,18 +103,24 @@ def write_ct_series(
     return paths
 
 
-def _slice_dataset(
-    identity: Identity, geometry: SeriesGeometry, k: int, description: str, slope: float, intercept: float
-) -> Dataset:
+def _new_instance(sop_class_uid: str) -> Dataset:
+    """An empty instance of ``sop_class_uid`` with a new SOPInstanceUID and its file meta (explicit little endian)."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def _slice_dataset(
+    identity: Identity, geometry: SeriesGeometry, k: int, description: str, slope: float, intercept: float
+) -> Dataset:
+    ds = _new_instance(CTImageStorage)
     ds.PatientName = identity.patient_name
     ds.PatientID = identity.patient_id
     ds.PatientBirthDate = identity.birth_date
@@ -140,3 +151,40 @@ def _slice_dataset(
     ds.RescaleIntercept = f"{intercept:g}"
     ds.RescaleType = "HU"
     return ds
+
+
+def write_dx_image(
+    picture: np.ndarray, pixel_spacing_mm: float, identity: Identity, path: str | Path, *, bits: int = 12
+) -> Path:
+    """Write ``picture`` (``(rows, columns)``, grey values 0-255) as a Digital X-Ray image For Presentation, as a
+    chest radiography system exports it: no ImagePositionPatient or frame of reference, PatientOrientation
+    ``L\\F`` (a PA chest), ImagerPixelSpacing and PixelSpacing, values scaled to ``bits`` stored bits."""
+    ds = _new_instance(DigitalXRayImageStorageForPresentation)
+    ds.PatientName, ds.PatientID = identity.patient_name, identity.patient_id
+    ds.PatientBirthDate, ds.PatientSex = identity.birth_date, "O"
+    ds.AccessionNumber, ds.InstitutionName = identity.accession_number, identity.institution_name
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = identity.study_uid, identity.series_uid
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "20260101", "120000", "1", ""
+    ds.ContentDate, ds.ContentTime = "20260101", "120000"
+    ds.Modality, ds.PresentationIntentType = "DX", "FOR PRESENTATION"
+    ds.Manufacturer, ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = "medseg-demo", "CHEST PA", 1, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientOrientation = ["L", "F"]
+    ds.BodyPartExamined, ds.ViewPosition, ds.ImageLaterality = "CHEST", "PA", "U"
+    ds.AnatomicRegionSequence, ds.AcquisitionContextSequence, ds.PositionerType = [], [], "NONE"
+    ds.ImagerPixelSpacing = ds.PixelSpacing = [f"{pixel_spacing_mm:g}"] * 2
+    ds.DetectorType = "DIRECT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LIN", 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+    ds.PresentationLUTShape, ds.LossyImageCompression, ds.BurnedInAnnotation = "IDENTITY", "00", "NO"
+    ds.WindowCenter, ds.WindowWidth = str(2 ** (bits - 1)), str(2**bits)
+    stored = np.rint(np.asarray(picture, np.float64) * ((2**bits - 1) / 255.0)).astype(np.uint16)
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return path

@@ -137,6 +137,8 @@ def frames_of(ds: Dataset, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> list[F
     """
     shape = check_image_header(ds, max_image_mb)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames == 1 and "ImagePositionPatient" not in ds and str(ds.get("Modality", "")) in PROJECTION_MODALITIES:
+        return [projection_frame(ds, shape)]
     if n_frames == 1 and "ImagePositionPatient" in ds:
         return [
             Frame(
@@ -183,6 +185,40 @@ def frames_of(ds: Dataset, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> list[F
             )
         )
     return frames
+
+
+# Projection radiography: one picture, no patient coordinate system (no ImagePositionPatient / Orientation)
+PROJECTION_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RF", "XA"}
+# LPS directions that make a projection's RAS affine diagonal and positive: columns along X, rows along Y, as a PNG
+# is read (:func:`medseg.io.read_volume`), so a radiograph from DICOM and the same one from PNG are the same array
+PROJECTION_ORIENTATION = np.array([-1.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+
+
+def projection_frame(ds: Dataset, shape: tuple[int, int]) -> Frame:
+    """A radiograph (CR, DX, MG, ...) as a one-slice frame: no position or orientation exists, so it is placed at
+    the origin in the PNG layout (:data:`PROJECTION_ORIENTATION`). Pixel size: PixelSpacing (calibrated to the
+    patient, when the modality gives it), else ImagerPixelSpacing (at the detector: includes the geometric
+    magnification, which a model trained on such images shares), else 1 mm as for a PNG.
+
+    Raises:
+        GeometryError: a spacing that is present but not two positive numbers.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(keyword) not in (None, ""):
+            spacing = _spacing(ds.get(keyword))
+            break
+    else:
+        spacing = (1.0, 1.0)
+    return Frame(
+        ds,
+        None,
+        np.zeros(3),
+        PROJECTION_ORIENTATION.copy(),
+        spacing,
+        _rescale(ds.get("RescaleSlope"), 1.0, "RescaleSlope") or 1.0,
+        _rescale(ds.get("RescaleIntercept"), 0.0, "RescaleIntercept"),
+        shape,
+    )
 
 
 def stack_geometry(frames: Sequence[Frame], tolerance_mm: float) -> tuple[list[Frame], np.ndarray]:

@@ -177,18 +177,24 @@ def read_seg(path: Path, series: SeriesVolume, tolerance_mm: float, overlap: Ove
     what = f"DICOM-SEG {path.name}"
     try:
         seg = hd.seg.segread(path)
-        # Overlaps are ours to judge (and count), so highdicom keeps segments apart.
-        volume = seg.get_volume(combine_segments=False, skip_overlap_checks=True)
+        numbers = list(seg.get_segment_numbers())
+        if "FrameOfReferenceUID" not in seg:  # a radiograph's SEG: frames sit on source instances, not in space
+            masks = _masks_by_instance(seg, numbers, series, what)
+        else:
+            # Overlaps are ours to judge (and count), so highdicom keeps segments apart.
+            volume = seg.get_volume(combine_segments=False, skip_overlap_checks=True)
+    except (GeometryError, ImageReadError):
+        raise
     except Exception as err:  # highdicom raises many types for malformed objects
         raise ImageReadError(f"{what}: cannot read the segmentation ({type(err).__name__}: {err})") from err
-    numbers = list(seg.get_segment_numbers())
     names = {n: str(seg.get_segment_description(n).segment_label) for n in numbers}
-    # highdicom's volume is (slice, row, column, segment) with an LPS affine; ours is (column, row, slice).
     shape = series.image.spatial_shape
-    masks = []
-    for c, number in enumerate(numbers):
-        mask = np.asarray(volume.array[..., c]) >= 0.5  # fractional SEGs hold probabilities or occupancy
-        masks.append((number, place_on_grid(mask, volume.affine, series.lps_affine, shape, tolerance_mm, what)))
+    if "FrameOfReferenceUID" in seg:
+        # highdicom's volume is (slice, row, column, segment) with an LPS affine; ours is (column, row, slice).
+        masks = []
+        for c, number in enumerate(numbers):
+            mask = np.asarray(volume.array[..., c]) >= 0.5  # fractional SEGs hold probabilities or occupancy
+            masks.append((number, place_on_grid(mask, volume.affine, series.lps_affine, shape, tolerance_mm, what)))
     array, overlap_voxels = combine_masks(masks, overlap, what)
     facts = {
         "label_source": "dicom-seg",
@@ -197,6 +203,31 @@ def read_seg(path: Path, series: SeriesVolume, tolerance_mm: float, overlap: Ove
         "label_overlap_voxels": overlap_voxels,
     }
     return Label(array[None], series.image.affine.copy()), facts
+
+
+def _masks_by_instance(
+    seg: hd.seg.Segmentation, numbers: Sequence[int], series: SeriesVolume, what: str
+) -> list[tuple[int, np.ndarray]]:
+    """The segments of a SEG without a frame of reference (a radiograph's) by the source instance each frame
+    references: a one-frame projection series, its own instance referenced, the same rows and columns.
+
+    Raises:
+        GeometryError: the series is not one picture, the SEG does not reference it, or the sizes differ.
+    """
+    if len(series.sop_instance_uids) != 1:
+        raise GeometryError(f"{what}: has no frame of reference, and its image is not a single picture (radiograph)")
+    source = series.sop_instance_uids[0]
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[source], segment_numbers=numbers, combine_segments=False
+        )
+    except (KeyError, ValueError) as err:
+        raise GeometryError(f"{what}: does not segment the radiograph it is filed with ({err})") from err
+    columns, rows = series.image.spatial_shape[:2]
+    if pixels.shape[1:3] != (rows, columns):
+        raise GeometryError(f"{what}: {list(pixels.shape[1:3])} pixels, the radiograph has {[rows, columns]}")
+    # highdicom's frame is (row, column); ours is (column, row, 1)
+    return [(n, (pixels[0, :, :, c] >= 0.5).T[..., None]) for c, n in enumerate(numbers)]
 
 
 def rasterise_contours(

@@ -231,7 +231,7 @@ def build_segmentation(
             f"label frames {list(seg_frames.shape)} do not match the series' {len(frames)} frames of {frames[0].shape}"
         )
     sources, pixels = _layout(frames, seg_frames)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels.astype(np.uint8 if int(pixels.max(initial=0)) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -250,6 +250,16 @@ def build_segmentation(
         content_description="automatic segmentation by medseg",
         omit_empty_frames=True,
     )
+    if "FrameOfReferenceUID" not in seg:
+        # A radiograph (no frame of reference): the SEG sits on its source instance, frame for frame. Its orientation
+        # is said in words (General Image, type 2C). highdicom copies the pixel spacing into a Pixel Measures item
+        # without SliceThickness (a projection has none), which the standard allows but highdicom's own reader
+        # refuses; the spacing is the source's, so the item goes and the SEG reads back (dciodvfy: no error).
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+            del shared.PixelMeasuresSequence
+    return seg
 
 
 def _described(description: str, model_label: str | None) -> str:

@@ -83,8 +83,8 @@ def test_a_clicks_file_is_checked_and_its_errors_name_the_file_and_click(tmp_pat
         ([{"class": "organ_a", "voxel": [1, 1, 9]}], "click 1: voxel [1, 1, 9] is outside"),
         ([{"class": "organ_a"}], "needs voxel"),
         ([{"class": "organ_a", "voxel": [1, "x", 1]}], "three finite numbers"),
-            ([{"class": "organ_a", "ras_mm": [1, 2]}], "three finite numbers"),
-            ([3], "expected an object"),
+        ([{"class": "organ_a", "ras_mm": [1, 2]}], "three finite numbers"),
+        ([3], "expected an object"),
         ({"points": []}, "expected"),
     ]:
         path.write_text(json.dumps(bad))
