@@ -138,8 +138,11 @@ def base_config(workdir: Path, minutes: float, overrides: list[str] = ()) -> dic
     return config
 
 
-def train_medseg(train: list[dict], workdir: Path, minutes: float, overrides: list[str] = ()) -> Path:
-    """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``."""
+def train_medseg(
+    train: list[dict], workdir: Path, minutes: float, overrides: list[str] = (), n_val: int = N_VAL
+) -> Path:
+    """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``
+    (the best of the last ``n_val`` cases' validations; with 0, every case trains and the last weights are kept)."""
     config = validate_config(base_config(workdir, minutes, overrides), "hippocampus benchmark")
     loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in train]
     device = select_device(config.train.device)
@@ -156,8 +159,8 @@ def train_medseg(train: list[dict], workdir: Path, minutes: float, overrides: li
     write_json(out / "plan.json", planned)
     summary = fit(
         resolved,
-        items[:-N_VAL],
-        items[-N_VAL:],
+        items[: len(items) - n_val],
+        items[len(items) - n_val :],
         out,
         device,
         identity=f"hippocampus-{resolved.digest()}-{len(items)}",
@@ -289,6 +292,12 @@ def main() -> None:
         help="override a medseg config key for the medseg recipe (YAML value), e.g. --set train.ema_decay=0.999",
     )
     parser.add_argument(
+        "--val-cases",
+        type=int,
+        default=N_VAL,
+        help="training cases that validate (pick the best checkpoint); 0: all train, the last weights are kept",
+    )
+    parser.add_argument(
         "--crf", action="store_true", help="also score the medseg model with postprocess.crf on (recipe medseg+crf)"
     )
     args = parser.parse_args()
@@ -316,6 +325,7 @@ def main() -> None:
         "n_train": len(train),
         "n_test": len(test),
         "overrides": args.set,
+        "val_cases": args.val_cases,
     }
     recipes = args.recipes.split(",")
     helper = None
@@ -331,7 +341,7 @@ def main() -> None:
         summaries["machine"] = summaries["machine"].replace(f"torch threads {args.threads}", "torch threads 1 each")
         recipes = ["medseg"]
     if "medseg" in recipes:
-        checkpoint = train_medseg(train, args.workdir, args.minutes, args.set)
+        checkpoint = train_medseg(train, args.workdir, args.minutes, args.set, args.val_cases)
         device = select_device("auto")
         model, trained = load_model(checkpoint, device)
         rows += score("medseg", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)

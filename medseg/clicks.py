@@ -88,14 +88,18 @@ def _interior_point(region: np.ndarray, rng: np.random.Generator | None) -> tupl
     """The voxel of ``region`` farthest from its border; with ``rng``, one drawn from its inner half (a user does
     not hit the exact centre)."""
     box = ndimage.find_objects(region.astype(np.uint8))[0]
-    inner = np.pad(region[box], 1)
+    # padded with background, except along a flat axis (a 2D image's Z): there every voxel would touch the padding
+    pads = [(0, 0) if size == 1 else (1, 1) for size in region.shape]
+    inner = np.pad(region[box], pads)
     distance = ndimage.distance_transform_cdt(inner, metric="chessboard")  # as MONAI DeepEdit; faster than EDT
     if rng is None:
         index = np.unravel_index(int(np.argmax(distance)), distance.shape)
     else:
         candidates = np.argwhere(distance >= 0.5 * distance.max())
         index = tuple(candidates[int(rng.integers(len(candidates)))])
-    return tuple(int(i) - 1 + int(s.start) for i, s in zip(index, box, strict=True))  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]
+        int(i) - pad[0] + int(s.start) for i, pad, s in zip(index, pads, box, strict=True)
+    )
 
 
 def simulate_clicks(

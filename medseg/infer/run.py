@@ -124,6 +124,9 @@ def refine(
                 f"{trained.num_classes - 1} classes"
             )
     clicks = read_clicks(clicks_path, trained.classes, image.affine, image.spatial_shape)
+    if not clicks and prior is not None:  # nothing to correct (the model never trained on a mask without clicks)
+        log.info("no clicks: the mask is written unchanged")
+        return write_volume(prior, output_path)
     log.info("refining with %d click(s)%s", len(clicks), " on the given mask" if prior is not None else "")
     return write_volume(predict(model, trained, image, config, device, clicks, prior), output_path)
 

@@ -36,6 +36,13 @@ def test_clicks_go_to_the_interior_of_the_largest_error_first_with_the_true_clas
     assert simulate_clicks(truth, truth, 3, 3) == []  # a right mask needs no click
 
 
+def test_a_2d_image_gets_its_click_in_the_middle_of_the_region_too() -> None:
+    truth = np.zeros((20, 16, 1), np.uint8)  # X x Y x 1: a radiograph
+    truth[4:15, 3:12, 0] = 1
+    (click,) = simulate_clicks(truth, np.zeros_like(truth), 1, 2)
+    assert 8 <= click.voxel[0] <= 10 and 6 <= click.voxel[1] <= 8 and click.voxel[2] == 0
+
+
 def test_drawn_clicks_stay_inside_their_error_region() -> None:
     truth = np.zeros((16, 16, 8), np.uint8)
     truth[3:13, 3:13, 2:6] = 1
@@ -148,6 +155,11 @@ def test_medseg_refine_corrects_a_mask_and_refuses_what_it_cannot_use(
     assert refined.spatial_shape == truth.spatial_shape and np.allclose(refined.affine, truth.affine)
     assert set(np.unique(refined.array)) <= {0, 1, 2}
     assert cli.main([*base, "--output", str(root / "refined" / "no_mask.nii.gz")]) == 0  # from the clicks alone
+    nothing = root / "nothing.json"
+    nothing.write_text('{"clicks": []}')
+    unchanged = root / "refined" / "unchanged.nii.gz"
+    no_clicks = [*base[:-2], "--clicks", str(nothing), "--mask", str(test.label), "--output", str(unchanged)]
+    assert cli.main(no_clicks) == 0 and np.array_equal(read_volume(unchanged, Label).array, truth.array)
 
     wrong = write_volume(Label(np.zeros((1, 10, 10, 5), np.uint8), truth.affine), root / "wrong_grid.nii.gz")
     caplog.clear()
@@ -158,7 +170,7 @@ def test_medseg_refine_corrects_a_mask_and_refuses_what_it_cannot_use(
     assert cli.main([*base, "--output", str(root / "refined" / "bad.nii.gz")]) == 1
     assert "clicks.json, click 1: class 'organ_c'" in caplog.text
     assert not (root / "refined" / "bad.nii.gz").exists()
-    assert sorted(p.name for p in (root / "refined").iterdir()) == ["no_mask.nii.gz", "p05.nii.gz"]  # no partials
+    assert sorted(p.name for p in (root / "refined").iterdir()) == ["no_mask.nii.gz", "p05.nii.gz", "unchanged.nii.gz"]
 
     plain = make_config(root)
     train_run(plain, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train_plain")
