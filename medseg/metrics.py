@@ -249,6 +249,57 @@ def instances(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labelled, int(n)
 
 
+def instance_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every reference instance with every predicted one ``(n_ref, n_pred)``, and the instances' sizes in
+    voxels; instances are numbered largest first (ties: scan order), as ``instances.tsv`` lists them."""
+    ref_lab, n_ref = _largest_first(*instances(ref))
+    pred_lab, n_pred = _largest_first(*instances(pred))
+    ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
+    pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
+    both = (ref_lab > 0) & (pred_lab > 0)
+    pairs = ref_lab[both].astype(np.int64) * (n_pred + 1) + pred_lab[both]
+    inter = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)[1:, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / (ref_size[:, None] + pred_size[None, :] - inter)
+    return iou, ref_size, pred_size
+
+
+def _largest_first(labelled: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    if n < 2:
+        return labelled, n
+    sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")  # order[k] + 1 becomes instance k + 1
+    mapping = np.zeros(n + 1, dtype=labelled.dtype)
+    mapping[order + 1] = np.arange(1, n + 1)
+    return mapping[labelled], n
+
+
+def instance_rows(
+    pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float], iou_threshold: float = INSTANCE_IOU
+) -> list[dict[str, Any]]:
+    """One row per instance of one class, reference then prediction, largest first: ``side``, ``instance``,
+    ``volume_mm3``, ``best_iou`` (with an instance of the other side) and ``matched`` (``best_iou`` >=
+    ``iou_threshold``: a found lesion, or a true one), the lesion-wise table behind :func:`instance_detection`."""
+    iou, ref_size, pred_size = instance_iou(pred, ref)
+    voxel = float(np.prod(spacing_mm))
+    rows = []
+    for side, sizes, best in (
+        ("reference", ref_size, iou.max(axis=1) if iou.shape[1] else np.zeros(len(ref_size))),
+        ("prediction", pred_size, iou.max(axis=0) if iou.shape[0] else np.zeros(len(pred_size))),
+    ):
+        for k, (size, value) in enumerate(zip(sizes, best, strict=True), start=1):
+            rows.append(
+                {
+                    "side": side,
+                    "instance": k,
+                    "volume_mm3": float(size) * voxel,
+                    "best_iou": float(value),
+                    "matched": bool(value >= iou_threshold),
+                }
+            )
+    return rows
+
+
 def instance_detection(pred: np.ndarray, ref: np.ndarray, iou_threshold: float = INSTANCE_IOU) -> dict[str, float]:
     """Lesion-wise detection of one class: reference and predicted instances (connected components) are matched
     by IoU; a reference instance is *found* (recall) and a predicted one *true* (precision) when some instance of
@@ -257,20 +308,14 @@ def instance_detection(pred: np.ndarray, ref: np.ndarray, iou_threshold: float =
     No instance on either side: precision, recall and F1 NaN. Reference instances but no prediction: recall 0,
     precision NaN, F1 0 (and the reverse for predictions without reference).
     """
-    ref_lab, n_ref = instances(ref)
-    pred_lab, n_pred = instances(pred)
+    iou, ref_size, pred_size = instance_iou(pred, ref)
+    n_ref, n_pred = len(ref_size), len(pred_size)
     out = {"n_ref_instances": float(n_ref), "n_pred_instances": float(n_pred)}
     if not n_ref and not n_pred:
         return {**out, "instance_precision": NAN, "instance_recall": NAN, "instance_f1": NAN}
     if not n_ref or not n_pred:
         precision, recall = (0.0, NAN) if n_pred else (NAN, 0.0)
         return {**out, "instance_precision": precision, "instance_recall": recall, "instance_f1": 0.0}
-    both = (ref_lab > 0) & (pred_lab > 0)
-    pairs = ref_lab[both].astype(np.int64) * (n_pred + 1) + pred_lab[both]
-    inter = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)[1:, 1:]
-    ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
-    pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
-    iou = inter / (ref_size[:, None] + pred_size[None, :] - inter)
     recall = float(np.mean(iou.max(axis=1) >= iou_threshold))
     precision = float(np.mean(iou.max(axis=0) >= iou_threshold))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

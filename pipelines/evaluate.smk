@@ -5,6 +5,7 @@ rule evaluate:
         run=rules.train.output.run,
     output:
         metrics=WF.stage_dir("evaluate") / "metrics.tsv",
+        instances=WF.stage_dir("evaluate") / "instances.tsv",
         summary=WF.stage_dir("evaluate") / "summary.json",
     params:
         config=CFG,

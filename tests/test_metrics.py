@@ -179,7 +179,7 @@ def test_distances_exact_through_every_path(monkeypatch: pytest.MonkeyPatch, mar
 
 
 def test_lesion_wise_detection_matches_instances_by_iou() -> None:
-    from medseg.metrics import instance_detection, instance_volumes, instances
+    from medseg.metrics import instance_detection, instance_rows, instance_volumes, instances
 
     ref = np.zeros((20, 20, 5), bool)
     ref[1:5, 1:5, 1:4] = True  # lesion 1: found (same box)
@@ -206,6 +206,16 @@ def test_lesion_wise_detection_matches_instances_by_iou() -> None:
     missed = instance_detection(np.zeros_like(ref), ref)
     assert missed["instance_recall"] == 0 and np.isnan(missed["instance_precision"]) and missed["instance_f1"] == 0
     assert instance_volumes(ref, (1.0, 1.0, 2.0)) == [96.0, 96.0, 16.0]
+    rows = instance_rows(pred, ref, (1.0, 1.0, 2.0), iou_threshold=0.1)
+    table = [(r["side"], r["instance"], r["volume_mm3"], round(r["best_iou"], 2), r["matched"]) for r in rows]
+    assert table == [
+        ("reference", 1, 96.0, 1.0, True),
+        ("reference", 2, 96.0, 0.6, True),
+        ("reference", 3, 16.0, 0.0, False),  # the missed lesion
+        ("prediction", 1, 96.0, 1.0, True),
+        ("prediction", 2, 96.0, 0.6, True),
+        ("prediction", 3, 16.0, 0.0, False),  # the false positive
+    ]
 
 
 def test_label_metrics_report_instances_per_class() -> None:

@@ -209,6 +209,8 @@ def test_tiny_2d_radiograph_workflow_end_to_end(repo: Path, tmp_path: Path, monk
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0 and r["class"] == "lung"
         assert float(r["n_ref_instances"]) == 2  # two lung fields per radiograph
+    lesions = read_tsv(wf.stage_dir("evaluate") / "instances.tsv")  # the lesion-wise table, one row per instance
+    assert sum(r["side"] == "reference" for r in lesions) == 2 * len(test)
     assert (wf.stage_dir("report") / "report.html").exists()
     mlflow = _client(config, tmp_path)
     run = mlflow.search_runs([mlflow.get_experiment_by_name("medseg-xray-tiny").experiment_id])[0]

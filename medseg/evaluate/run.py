@@ -3,7 +3,9 @@
 Writes ``metrics.tsv`` (one row per patient x class; the per-patient values pixel accuracy and mean IoU repeat on
 each of that patient's rows so the table stays one table), ``summary.json`` (per-class mean, median, std and
 count over patients, as nnU-Net reports them, with the empty-mask convention and counts, and the patients that
-could not be scored with the reason) and logs both to the MLflow run of training.
+could not be scored with the reason), ``instances.tsv`` (every instance, a connected component of a class, of the
+reference and of the prediction: volume, best IoU with the other side, matched or not: the lesion-wise table) and
+logs them to the MLflow run of training.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from medseg.config import Config
 from medseg.errors import GeometryError, ManifestError, MedsegError
 from medseg.io import read_json, read_volume, write_json, write_text, write_tsv
 from medseg.manifest import read_manifest, select
-from medseg.metrics import CLASS_METRICS, EMPTY_CONVENTION, PATIENT_METRICS, empty_case, label_metrics
+from medseg.metrics import (
+    CLASS_METRICS,
+    EMPTY_CONVENTION,
+    PATIENT_METRICS,
+    empty_case,
+    instance_rows,
+    label_metrics,
+)
 from medseg.volume import Label, describe_grid, same_grid
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["patient_id", "class", *CLASS_METRICS, "ref_volume_mm3", "pred_volume_mm3", *PATIENT_METRICS]
+INSTANCE_COLUMNS = ["patient_id", "class", "side", "instance", "volume_mm3", "best_iou", "matched"]
 EMPTY_CASES = ("both_empty", "reference_empty_only", "prediction_empty_only")
 
 
@@ -35,6 +45,13 @@ def score_patient(config: Config, patient_id: str, prediction: Path, reference: 
         ImageReadError: a file is missing or unreadable.
         GeometryError: the prediction is not on the reference's grid.
     """
+    return _score(config, patient_id, prediction, reference)[0]
+
+
+def _score(
+    config: Config, patient_id: str, prediction: Path, reference: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The patient's rows of ``metrics.tsv`` and of ``instances.tsv`` (each class's instances, both sides)."""
     pred, ref = read_volume(prediction, Label), read_volume(reference, Label)
     if not same_grid(pred, ref, config.ingest.label_tolerance_mm):
         raise GeometryError(
@@ -52,10 +69,16 @@ def score_patient(config: Config, patient_id: str, prediction: Path, reference: 
         percentile=e.hausdorff_percentile,
         instance_iou=e.instance_iou_threshold,
     )
-    return [
+    instance_table = [
+        {"patient_id": patient_id, "class": name, **row}
+        for c, name in enumerate(config.classes, start=1)
+        for row in instance_rows(pred.array[0] == c, ref.array[0] == c, ref.spacing, e.instance_iou_threshold)
+    ]
+    rows = [
         {"patient_id": patient_id, "class": name, **values, **per_patient}
         for name, values in zip(config.classes, per_class, strict=True)
     ]
+    return rows, instance_table
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -119,25 +142,27 @@ def run(
     if not entries:
         raise ManifestError(f"manifest {manifest_path} has no test patients to evaluate")
     rows: list[dict[str, Any]] = []
+    instance_table: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     for entry in entries:
         if entry.label is None:
             continue
         try:
-            rows.extend(
-                score_patient(config, entry.patient_id, predictions_dir / f"{entry.patient_id}.nii.gz", entry.label)
-            )
+            scored = _score(config, entry.patient_id, predictions_dir / f"{entry.patient_id}.nii.gz", entry.label)
+            rows.extend(scored[0])
+            instance_table.extend(scored[1])
         except MedsegError as err:
             log.error("%s: not scored: %s", entry.patient_id, err)
             failures.append({"patient_id": entry.patient_id, "reason": str(err)})
     summary = summarise(config, rows, failures)
     write_tsv(output_dir / "metrics.tsv", rows, COLUMNS)
+    write_tsv(output_dir / "instances.tsv", instance_table, INSTANCE_COLUMNS)
     write_json(output_dir / "summary.json", summary)
     write_text(output_dir / "config.yaml", config.to_yaml())
     if run_json is not None and run_json.exists():
         with tracking.run(config.tracking, run_id=read_json(run_json)["run_id"]):
             tracking.log_metrics(_mlflow_metrics(summary))
-            for name in ("metrics.tsv", "summary.json"):
+            for name in ("metrics.tsv", "instances.tsv", "summary.json"):
                 tracking.log_artifact(output_dir / name, "evaluate")
     return summary
 

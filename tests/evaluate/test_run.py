@@ -10,7 +10,7 @@ import numpy as np
 
 from medseg import tracking
 from medseg.config import Config
-from medseg.evaluate.run import COLUMNS, run
+from medseg.evaluate.run import COLUMNS, INSTANCE_COLUMNS, run
 from medseg.io import read_tsv, write_json, write_tsv, write_volume
 from medseg.manifest import MANIFEST_COLUMNS
 from medseg.volume import Label
@@ -67,6 +67,12 @@ def test_evaluate_writes_tables_counts_and_failures(tmp_path: Path) -> None:
     assert float(p2["organ_b"]["pred_volume_mm3"]) == 27 * 0.8 * 0.9 * 2.5
     assert float(p2["organ_a"]["pixel_accuracy"]) == 1 - 27 / 600
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_patients"] == 3
+    # the lesion-wise table: p2's organ_b is predicted where the reference has none: one unmatched prediction
+    instances = read_tsv(tmp_path / "out" / "instances.tsv")
+    assert list(instances[0]) == INSTANCE_COLUMNS
+    p2b = [r for r in instances if r["patient_id"] == "p2" and r["class"] == "organ_b"]
+    assert [(r["side"], r["instance"], r["matched"]) for r in p2b] == [("prediction", "1", "False")]
+    assert float(p2b[0]["volume_mm3"]) == 27 * 0.8 * 0.9 * 2.5 and float(p2b[0]["best_iou"]) == 0.0
 
 
 def test_evaluate_logs_both_files_to_the_training_run(tmp_path: Path) -> None:
@@ -80,4 +86,4 @@ def test_evaluate_logs_both_files_to_the_training_run(tmp_path: Path) -> None:
     assert logged.data.metrics["test_dice_organ_a"] == 2 / 3
     assert logged.data.metrics["test_prediction_empty_only_organ_a"] == 1
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluate")}
-    assert artifacts == {"evaluate/metrics.tsv", "evaluate/summary.json"}
+    assert artifacts == {"evaluate/metrics.tsv", "evaluate/instances.tsv", "evaluate/summary.json"}
