@@ -222,7 +222,8 @@ def _masks_by_instance(
             source_sop_instance_uids=[source], segment_numbers=numbers, combine_segments=False
         )
     except (KeyError, ValueError) as err:
-        raise GeometryError(f"{what}: does not segment the radiograph it is filed with ({err})") from err
+        # highdicom's message quotes the UIDs, which are identity values here: not repeated
+        raise GeometryError(f"{what}: does not segment the radiograph it is filed with ({type(err).__name__})") from err
     columns, rows = series.image.spatial_shape[:2]
     if pixels.shape[1:3] != (rows, columns):
         raise GeometryError(f"{what}: {list(pixels.shape[1:3])} pixels, the radiograph has {[rows, columns]}")
