@@ -179,3 +179,15 @@ def test_medseg_refine_corrects_a_mask_and_refuses_what_it_cannot_use(
     plain_args = [*base[:4], str(root / "train_plain" / "model.pt"), *base[5:]]
     assert cli.main([*plain_args, "--output", str(root / "refined" / "bad.nii.gz")]) == 1
     assert "was not trained with clicks" in caplog.text
+
+
+def test_a_2d_click_model_refines_a_radiograph_sized_image(tiny_dataset: dict, make_config: Callable) -> None:
+    root = tiny_dataset["root"]
+    config = make_config(root, spatial_dims=2, patch_size_vox=[16, 16, 1], clicks={"enabled": True})
+    out = root / "train_clicks_2d"
+    train_run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)
+    model, trained = infer.load_model(out / "model.pt", "cpu")
+    image = Image(np.random.default_rng(1).normal(size=(1, 24, 20, 1)).astype(np.float32), np.diag([1.5, 1.5, 2.5, 1]))
+    prior = Label(np.zeros((1, 24, 20, 1), np.uint8), image.affine)
+    label = infer.predict(model, trained, image, config, torch.device("cpu"), [Click(1, (12, 10, 0))], prior)
+    assert label.spatial_shape == (24, 20, 1) and set(np.unique(label.array)) <= {0, 1, 2}
