@@ -224,7 +224,9 @@ def read_clicks(path: Path, classes: Sequence[str], affine: np.ndarray, shape: S
     return clicks
 
 
-def to_grid(clicks: Sequence[Click], source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int]):
+def to_grid(
+    clicks: Sequence[Click], source_affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int]
+) -> list[Click]:
     """The clicks moved from one grid (the original image's) onto another (the network's), nearest voxel."""
     mapping = np.linalg.inv(np.asarray(target_affine, float)) @ np.asarray(source_affine, float)
     moved = []

@@ -211,15 +211,17 @@ def _cropped_metrics(
     boxes: tuple[Box | None, Box | None] = (None, None),
     instance_iou: float = INSTANCE_IOU,
     flat: Sequence[int] = (),
-) -> dict[str, float]:
-    """Metrics of two boolean masks already cropped to (at least) the bounding box of their union; ``boxes``
-    are each mask's own box in the cropped frame when known."""
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics of two boolean masks already cropped to (at least) the bounding box of their union, and their
+    :func:`instance_rows` (every instance lies inside the crop); ``boxes`` are each mask's own box in the cropped
+    frame when known."""
     dice, iou = overlap(pred, ref)
     voxel_mm3 = float(np.prod(spacing_mm))
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     result = {name: NAN for name in CLASS_METRICS}
     result.update(dice=dice, iou=iou, ref_volume_mm3=n_ref * voxel_mm3, pred_volume_mm3=n_pred * voxel_mm3)
-    result.update(instance_detection(pred, ref, instance_iou))
+    rows = instance_rows(pred, ref, spacing_mm, instance_iou)
+    result.update(detection(rows))
     if n_pred and n_ref:
         d_pr, d_rp = surface_distances(pred, ref, spacing_mm, boxes, flat)
         result["boundary_f1"] = boundary_f1(d_pr, d_rp, boundary_tolerance_mm)
@@ -228,7 +230,7 @@ def _cropped_metrics(
         result["msd_mm"] = float(np.concatenate([d_pr, d_rp]).mean())
     elif n_pred or n_ref:
         result.update(boundary_f1=0.0, surface_dice=0.0)
-    return result
+    return result, rows
 
 
 def _flat_axes(shape: Sequence[int]) -> tuple[int, ...]:
@@ -252,8 +254,8 @@ def instances(mask: np.ndarray) -> tuple[np.ndarray, int]:
 def instance_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU of every reference instance with every predicted one ``(n_ref, n_pred)``, and the instances' sizes in
     voxels; instances are numbered largest first (ties: scan order), as ``instances.tsv`` lists them."""
-    ref_lab, n_ref = _largest_first(*instances(ref))
-    pred_lab, n_pred = _largest_first(*instances(pred))
+    ref_lab, n_ref = instances_largest_first(ref)
+    pred_lab, n_pred = instances_largest_first(pred)
     ref_size = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)[1:]
     pred_size = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)[1:]
     both = (ref_lab > 0) & (pred_lab > 0)
@@ -264,7 +266,10 @@ def instance_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndar
     return iou, ref_size, pred_size
 
 
-def _largest_first(labelled: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+def instances_largest_first(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`instances` numbered by size, largest first (ties: scan order): the numbering of every instance table
+    and of per-instance DICOM-SEG segments."""
+    labelled, n = instances(mask)
     if n < 2:
         return labelled, n
     sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
@@ -308,25 +313,29 @@ def instance_detection(pred: np.ndarray, ref: np.ndarray, iou_threshold: float =
     No instance on either side: precision, recall and F1 NaN. Reference instances but no prediction: recall 0,
     precision NaN, F1 0 (and the reverse for predictions without reference).
     """
-    iou, ref_size, pred_size = instance_iou(pred, ref)
-    n_ref, n_pred = len(ref_size), len(pred_size)
-    out = {"n_ref_instances": float(n_ref), "n_pred_instances": float(n_pred)}
-    if not n_ref and not n_pred:
+    return detection(instance_rows(pred, ref, (1.0,) * pred.ndim, iou_threshold))
+
+
+def detection(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Instance counts, precision, recall and F1 from one class's :func:`instance_rows`."""
+    found = [r["matched"] for r in rows if r["side"] == "reference"]
+    true = [r["matched"] for r in rows if r["side"] == "prediction"]
+    out = {"n_ref_instances": float(len(found)), "n_pred_instances": float(len(true))}
+    if not found and not true:
         return {**out, "instance_precision": NAN, "instance_recall": NAN, "instance_f1": NAN}
-    if not n_ref or not n_pred:
-        precision, recall = (0.0, NAN) if n_pred else (NAN, 0.0)
+    recall = float(np.mean(found)) if found else NAN
+    precision = float(np.mean(true)) if true else NAN
+    if not found or not true:
         return {**out, "instance_precision": precision, "instance_recall": recall, "instance_f1": 0.0}
-    recall = float(np.mean(iou.max(axis=1) >= iou_threshold))
-    precision = float(np.mean(iou.max(axis=0) >= iou_threshold))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {**out, "instance_precision": precision, "instance_recall": recall, "instance_f1": f1}
 
 
 def instance_volumes(mask: np.ndarray, spacing_mm: Sequence[float]) -> list[float]:
     """Volume (mm3) of each instance of a boolean mask, largest first."""
-    labelled, n = instances(mask)
+    labelled, n = instances_largest_first(mask)
     sizes = np.bincount(labelled.ravel(), minlength=n + 1)[1:]
-    return sorted((float(v) * float(np.prod(spacing_mm)) for v in sizes), reverse=True)
+    return [float(v) * float(np.prod(spacing_mm)) for v in sizes]
 
 
 def class_metrics(
@@ -363,7 +372,7 @@ def class_metrics(
     flat = _flat_axes(pred.shape)
     return _cropped_metrics(
         pred[box], ref[box], spacing_mm, boundary_tolerance_mm, surface_tolerance_mm, percentile, flat=flat
-    )
+    )[0]
 
 
 def label_metrics(
@@ -376,7 +385,25 @@ def label_metrics(
     percentile: float = 95.0,
     instance_iou: float = INSTANCE_IOU,
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Metrics of every foreground class of a label map, and the per-patient metrics.
+    """Metrics of every foreground class of a label map, and the per-patient metrics: :func:`label_results`
+    without the instance tables."""
+    per_class, per_patient, _ = label_results(
+        pred, ref, spacing_mm, n_foreground, boundary_tolerance_mm, surface_tolerance_mm, percentile, instance_iou
+    )
+    return per_class, per_patient
+
+
+def label_results(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing_mm: Sequence[float],
+    n_foreground: int,
+    boundary_tolerance_mm: float = 2.0,
+    surface_tolerance_mm: float = 2.0,
+    percentile: float = 95.0,
+    instance_iou: float = INSTANCE_IOU,
+) -> tuple[list[dict[str, float]], dict[str, float], list[list[dict[str, Any]]]]:
+    """Metrics of every foreground class of a label map, the per-patient metrics, and each class's instances.
 
     Each class is cropped to the union of its bounding boxes in prediction and reference before anything else
     (found for all classes in one pass by ``scipy.ndimage.find_objects``), so the cost beyond three passes over
@@ -393,39 +420,41 @@ def label_metrics(
         instance_iou: IoU at which instances match in the lesion-wise detection (:func:`instance_detection`).
 
     Returns:
-        ``(per_class, per_patient)``: a list of :func:`class_metrics` dicts for classes 1..n_foreground, and
-        ``{"pixel_accuracy", "mean_iou"}``.
+        ``(per_class, per_patient, per_class_instances)``: a list of :func:`class_metrics` dicts for classes
+        1..n_foreground, ``{"pixel_accuracy", "mean_iou"}``, and each class's :func:`instance_rows` (computed once,
+        on the class's crop, for its detection metrics too).
     """
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     pred_boxes = ndimage.find_objects(pred, max_label=n_foreground)
     ref_boxes = ndimage.find_objects(ref, max_label=n_foreground)
-    per_class = []
+    per_class, tables = [], []
     for c in range(1, n_foreground + 1):
         box = _union(pred_boxes[c - 1], ref_boxes[c - 1])
         if box is None:
             per_class.append(_empty_class())
+            tables.append([])
             continue
         own = (_shift(pred_boxes[c - 1], box), _shift(ref_boxes[c - 1], box))
-        per_class.append(
-            _cropped_metrics(
-                pred[box] == c,
-                ref[box] == c,
-                spacing_mm,
-                boundary_tolerance_mm,
-                surface_tolerance_mm,
-                percentile,
-                own,
-                instance_iou,
-                _flat_axes(pred.shape),
-            )
+        metrics, rows = _cropped_metrics(
+            pred[box] == c,
+            ref[box] == c,
+            spacing_mm,
+            boundary_tolerance_mm,
+            surface_tolerance_mm,
+            percentile,
+            own,
+            instance_iou,
+            _flat_axes(pred.shape),
         )
+        per_class.append(metrics)
+        tables.append(rows)
     ious = np.array([m["iou"] for m in per_class], dtype=float)
     per_patient = {
         "pixel_accuracy": float(np.count_nonzero(pred == ref) / pred.size),
         "mean_iou": float(np.nanmean(ious)) if np.isfinite(ious).any() else NAN,
     }
-    return per_class, per_patient
+    return per_class, per_patient, tables
 
 
 def empty_case(row: dict[str, Any]) -> str:

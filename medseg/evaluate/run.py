@@ -26,8 +26,7 @@ from medseg.metrics import (
     EMPTY_CONVENTION,
     PATIENT_METRICS,
     empty_case,
-    instance_rows,
-    label_metrics,
+    label_results,
 )
 from medseg.volume import Label, describe_grid, same_grid
 
@@ -59,7 +58,7 @@ def _score(
             f"prediction {describe_grid(pred)}; reference {describe_grid(ref)}"
         )
     e = config.evaluate
-    per_class, per_patient = label_metrics(
+    per_class, per_patient, tables = label_results(
         pred.array[0],
         ref.array[0],
         ref.spacing,
@@ -71,8 +70,8 @@ def _score(
     )
     instance_table = [
         {"patient_id": patient_id, "class": name, **row}
-        for c, name in enumerate(config.classes, start=1)
-        for row in instance_rows(pred.array[0] == c, ref.array[0] == c, ref.spacing, e.instance_iou_threshold)
+        for name, rows in zip(config.classes, tables, strict=True)
+        for row in rows
     ]
     rows = [
         {"patient_id": patient_id, "class": name, **values, **per_patient}

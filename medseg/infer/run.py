@@ -24,7 +24,7 @@ from medseg.models import load_model
 from medseg.postprocess import crf
 from medseg.resample.functional import preprocess, resample_to_grid
 from medseg.sliding_window import predict_probabilities, to_original_grid_bounded
-from medseg.volume import Image, Label
+from medseg.volume import Image, Label, describe_grid, same_grid
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,10 @@ def refine(
     prior = None
     if mask_path is not None:
         prior = read_volume(mask_path, Label)
-        same_grid = prior.spatial_shape == image.spatial_shape and np.allclose(prior.affine, image.affine, atol=1e-3)
-        if not same_grid:
+        if not same_grid(prior, image, config.ingest.label_tolerance_mm):
             raise GeometryError(
-                f"{mask_path.name}: the mask is not on the grid of {image_path.name} (shape "
-                f"{list(prior.spatial_shape)} vs {list(image.spatial_shape)}, or another affine): give the mask "
-                "predicted on this image"
+                f"{mask_path.name}: the mask is not on the grid of {image_path.name} (mask {describe_grid(prior)}; "
+                f"image {describe_grid(image)}): give the mask predicted on this image"
             )
         if int(prior.array.max(initial=0)) >= trained.num_classes:
             raise GeometryError(

@@ -24,7 +24,7 @@ from medseg.config import TISSUE_CODE, CodeConfig, PredictConfig
 from medseg.errors import GeometryError, ImageReadError
 from medseg.ingest.dicom import LPS_TO_RAS, Frame, frames_of, stack_geometry
 from medseg.io import atomic_path
-from medseg.metrics import instances
+from medseg.metrics import instances_largest_first
 from medseg.predict.functional import default_color, label_to_frames
 from medseg.volume import Label
 
@@ -116,13 +116,10 @@ def instance_segments(label: np.ndarray, n_classes: int) -> tuple[np.ndarray, li
     out = np.zeros(label.shape, dtype=np.uint16)
     pairs: list[tuple[int, int]] = []
     for c in range(1, n_classes + 1):
-        components, n = instances(label == c)
-        if not n:
-            continue
-        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
-        for rank, component in enumerate(np.argsort(-sizes, kind="stable") + 1, start=1):
-            pairs.append((c, rank))
-            out[components == component] = len(pairs)
+        components, n = instances_largest_first(label == c)
+        inside = components > 0
+        out[inside] = components[inside] + len(pairs)
+        pairs.extend((c, rank) for rank in range(1, n + 1))
     return out, pairs
 
 
