@@ -5,7 +5,7 @@ lumpy ellipsoid, a kidney, a small lesion); the prediction is the reference move
 ragged boundary, and six false-positive specks of class 1 scattered over the scan (they stretch the class's
 bounding box to nearly the whole scan, the case a plain bounding-box crop handles worst).
 
-- medseg: ``label_metrics`` (Dice, IoU, boundary F1, surface Dice, HD95, mean surface distance, volumes per
+- medseg: ``label_results`` (Dice, IoU, boundary F1, surface Dice, HD95, mean surface distance, volumes per
   class; pixel accuracy and mean IoU per patient).
 - MONAI: ``HausdorffDistanceMetric(percentile=95)`` + ``SurfaceDiceMetric`` with the same spacing, on one-hot
   tensors (MONAI's metrics take one-hot input; the one-hot conversion is timed separately and reported).
@@ -28,7 +28,7 @@ import torch
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from scipy import ndimage
 
-from medseg.metrics import label_metrics
+from medseg.metrics import label_results
 
 SHAPE = (512, 512, 300)
 SPACING = (0.8, 0.8, 1.0)
@@ -64,7 +64,7 @@ def make_pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_medseg(pred: np.ndarray, ref: np.ndarray) -> dict[str, list[float]]:
-    per_class, _ = label_metrics(pred, ref, SPACING, 3, TOLERANCE_MM, TOLERANCE_MM)
+    per_class, _, _ = label_results(pred, ref, SPACING, 3, TOLERANCE_MM, TOLERANCE_MM)
     return {"hd95": [m["hd95_mm"] for m in per_class], "nsd": [m["surface_dice"] for m in per_class]}
 
 

@@ -375,24 +375,6 @@ def class_metrics(
     )[0]
 
 
-def label_metrics(
-    pred: np.ndarray,
-    ref: np.ndarray,
-    spacing_mm: Sequence[float],
-    n_foreground: int,
-    boundary_tolerance_mm: float = 2.0,
-    surface_tolerance_mm: float = 2.0,
-    percentile: float = 95.0,
-    instance_iou: float = INSTANCE_IOU,
-) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Metrics of every foreground class of a label map, and the per-patient metrics: :func:`label_results`
-    without the instance tables."""
-    per_class, per_patient, _ = label_results(
-        pred, ref, spacing_mm, n_foreground, boundary_tolerance_mm, surface_tolerance_mm, percentile, instance_iou
-    )
-    return per_class, per_patient
-
-
 def label_results(
     pred: np.ndarray,
     ref: np.ndarray,

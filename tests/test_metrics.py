@@ -10,7 +10,7 @@ import torch
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
 from scipy import ndimage
 
-from medseg.metrics import class_metrics, label_metrics, overlap
+from medseg.metrics import class_metrics, label_results, overlap
 
 SPACINGS = [(0.7, 1.3, 3.0), (2.5, 0.8, 0.8), (1.0, 1.0, 1.0)]
 
@@ -143,12 +143,12 @@ def test_empty_mask_convention() -> None:
         assert np.isnan(one["hd95_mm"]) and np.isnan(one["msd_mm"])
 
 
-def test_label_metrics_per_class_and_patient_by_hand() -> None:
+def test_label_results_per_class_and_patient_by_hand() -> None:
     ref = np.zeros((4, 1, 1), np.uint8)
     ref[:, 0, 0] = [1, 1, 2, 0]
     pred = np.zeros_like(ref)
     pred[:, 0, 0] = [1, 2, 2, 0]
-    per_class, per_patient = label_metrics(pred, ref, (1.0, 1.0, 1.0), 3)
+    per_class, per_patient, _ = label_results(pred, ref, (1.0, 1.0, 1.0), 3)
     assert per_class[0]["dice"] == pytest.approx(2 / 3)  # class 1: ref 2 voxels, pred 1, shared 1
     assert per_class[1]["iou"] == pytest.approx(1 / 2)  # class 2: ref 1, pred 2, shared 1
     assert np.isnan(per_class[2]["dice"])  # class 3 empty in both
@@ -218,16 +218,20 @@ def test_lesion_wise_detection_matches_instances_by_iou() -> None:
     ]
 
 
-def test_label_metrics_report_instances_per_class() -> None:
+def test_label_results_report_instances_per_class() -> None:
     ref = np.zeros((12, 12, 4), np.uint8)
     ref[1:4, 1:4, 1:3] = 1
     ref[7:10, 7:10, 1:3] = 1
     pred = ref.copy()
     pred[7:10, 7:10, 1:3] = 0
-    per_class, _ = label_metrics(pred, ref, (1.0, 1.0, 1.0), 2)
+    per_class, _, tables = label_results(pred, ref, (1.0, 1.0, 2.0), 2)
     assert per_class[0]["n_ref_instances"] == 2 and per_class[0]["instance_recall"] == 0.5
     assert per_class[0]["instance_precision"] == 1.0
     assert per_class[1]["n_ref_instances"] == 0 and np.isnan(per_class[1]["instance_f1"])  # class 2 empty in both
+    # the instance table behind those figures, computed on the class's crop: volumes in mm3, one lesion missed
+    rows = [(r["side"], r["instance"], r["volume_mm3"], r["matched"]) for r in tables[0]]
+    assert rows == [("reference", 1, 36.0, True), ("reference", 2, 36.0, False), ("prediction", 1, 36.0, True)]
+    assert tables[1] == []
 
 
 def test_a_2d_image_has_2d_boundaries() -> None:
