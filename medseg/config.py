@@ -189,6 +189,8 @@ class TrainConfig(_Section):
     deep_supervision: bool = Field(True, description="dynunet only: losses on 2 coarser decoder outputs too")
     loss: Literal["dice_ce", "dice_bce", "focal", "ce"] = "dice_ce"
     dice_bce_alpha: float = Field(0.5, ge=0, le=1, description="dice_bce = alpha * Dice + (1 - alpha) * BCE")
+    dice_background: bool = Field(True, description="dice_ce: background in the Dice term (nnU-Net leaves it out)")
+    batch_dice: bool = Field(False, description="dice_ce: one Dice over the whole batch, not one per patch")
     focal_gamma: float = Field(2.0, ge=0)
     focal_alpha: float | None = Field(None, ge=0, le=1, description="focal: weight of foreground, 1-alpha bg")
     class_weights: tuple[float, ...] | None = Field(None, description="ce / dice_ce: CE weight per class incl. bg")

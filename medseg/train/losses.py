@@ -23,7 +23,13 @@ def build_loss(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     weights = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
     loss: torch.nn.Module
     if config.loss == "dice_ce":
-        loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weights)
+        loss = DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            weight=weights,
+            include_background=config.dice_background,
+            batch=config.batch_dice,
+        )
     elif config.loss == "dice_bce":
         loss = DiceBCELoss(num_classes, config.dice_bce_alpha)
     elif config.loss == "focal":

@@ -73,3 +73,16 @@ def test_deep_supervision_heads_are_weighted_and_normalised() -> None:
 def test_ignore_index_needs_a_loss_that_supports_it() -> None:
     with pytest.raises(ValueError, match="ignore_index"):
         TrainConfig(loss="dice_ce", ignore_index=255)
+
+
+def test_dice_ce_without_background_and_over_the_batch() -> None:
+    # Two one-voxel patches, logits (0, 0): the first is foreground, the second background. Per patch, the
+    # foreground Dice is 1/3 on the first and ~1 on the second (no foreground: 1 - 1e-5/(0.5 + 1e-5)); over the
+    # batch it is 1 - 2 * 0.5 / (1 + 1) = 1/2. CE is ln 2 either way.
+    logits, target = torch.zeros(2, 2, 1, 1, 1), torch.tensor([1, 0]).reshape(2, 1, 1, 1, 1)
+    per_patch = build_loss(TrainConfig(dice_background=False), 2)(logits, target)
+    assert float(per_patch) == pytest.approx((1 / 3 + 1) / 2 + LN2, abs=1e-4)
+    batch = build_loss(TrainConfig(dice_background=False, batch_dice=True), 2)(logits, target)
+    assert float(batch) == pytest.approx(1 / 2 + LN2, abs=1e-4)
+    with_background = build_loss(TrainConfig(batch_dice=True), 2)(logits, target)
+    assert float(with_background) == pytest.approx(1 / 2 + LN2, abs=1e-4)  # background: also 1/2 over the batch
