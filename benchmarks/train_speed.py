@@ -172,7 +172,9 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
     set_torch_threads(args.threads)
     resolved, items = hippocampus_items(args.train_dir, args.cache)
     update = {"amp": args.amp, "compile": args.compile, "max_minutes": None, "batch_size": args.batch}
-    train = resolved.train.model_copy(update={k: v for k, v in update.items() if v is not None or k == "max_minutes"})
+    update["channels_last"] = args.channels_last  # None: medseg's rule (on a CPU when compiled)
+    keep_none = ("max_minutes", "channels_last")
+    train = resolved.train.model_copy(update={k: v for k, v in update.items() if v is not None or k in keep_none})
     config = resolved.model_copy(update={"train": train})
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, items, [], Path(out), torch.device("cpu"), "speed", ModelInfo(), args.workers)
@@ -199,7 +201,7 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
     print(json.dumps({"samples_per_s": samples / seconds, "warmup_s": warm}))
 
 
-OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile"]
+OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile", "--no-channels-last"]
 SETTINGS = [
     ("before: 3dfd396's drawing, float32, AdamW, batch 2", [*OLD, "--legacy", "--unfused", "--fixed-threads"]),
     ("+ volumes padded once, crop centres kept, no MONAI metadata", [*OLD, "--unfused", "--fixed-threads"]),
@@ -208,6 +210,10 @@ SETTINGS = [
     ("+ torch.compile", [*OLD, "--amp", "--compile", "--fixed-threads"]),
     (
         "+ batch 4 (the plan's CPU batch now)",
+        ["--batch", "4", "--workers", "0", "--amp", "--compile", "--no-channels-last", "--fixed-threads"],
+    ),
+    (
+        "+ channels-last 3D (on a CPU when compiled)",
         ["--batch", "4", "--workers", "0", "--amp", "--compile", "--fixed-threads"],
     ),
     ("+ thread tuner = medseg's default", ["--batch", "4", "--workers", "0", "--amp", "--compile"]),
@@ -312,6 +318,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fixed-threads", action="store_true", help=argparse.SUPPRESS)

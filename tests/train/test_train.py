@@ -257,3 +257,34 @@ def test_ema_weights_are_the_ones_validated_saved_and_resumed(
     run(raw, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "raw")
     dice = [[r["val_dice_mean"] for r in _history(root / f)] for f in ("straight", "raw")]
     assert dice[0] != dice[1]
+
+
+def test_channels_last_layout_is_chosen_for_compiled_cpu_steps_and_trains_like_the_default(
+    tiny_dataset: dict, make_config: Callable
+) -> None:
+    import torch
+
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=2, network="unet")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    recipe = config.train
+    assert loop.memory_format(recipe, cpu, compiled=True) == torch.channels_last_3d
+    assert loop.memory_format(recipe, cpu, compiled=False) is None
+    assert loop.memory_format(recipe, cuda, compiled=True) is None
+    flat = recipe.model_copy(update={"spatial_dims": 2})
+    assert loop.memory_format(flat, cpu, compiled=True) == torch.channels_last
+    off = recipe.model_copy(update={"channels_last": False})
+    assert loop.memory_format(off, cpu, compiled=True) is None
+    # forced on in an eager run: the same training (to rounding), a checkpoint any layout loads
+    layout = config.model_copy(update={"train": config.train.model_copy(update={"channels_last": True})})
+    args = (tiny_dataset["manifest"], tiny_dataset["resample_dir"])
+    run(config, *args, root / "contiguous")
+    run(layout, *args, root / "channels_last")
+    for a, b in zip(_history(root / "contiguous"), _history(root / "channels_last"), strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-3)
+    checkpoint = load_checkpoint(root / "channels_last" / "model.pt")
+    weights = checkpoint.members[0]["state_dict"].values()
+    assert any(w.dim() == 5 and not w.is_contiguous() for w in weights)  # saved as trained: channels-last
+    test = next(e for e in read_manifest(tiny_dataset["manifest"]) if e.split == "test")
+    prediction = infer_run(layout, root / "channels_last" / "model.pt", test.image, root / "infer_cl" / "p.nii.gz")
+    assert all(0.0 <= r["dice"] <= 1.0 for r in score_patient(layout, test.patient_id, prediction, test.label))
