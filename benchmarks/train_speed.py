@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py levers [--busy] [--threads 2] [--epochs 5]
     python benchmarks/train_speed.py loader [--worker-counts 0 1 2] [--epochs 5]
     python benchmarks/train_speed.py networks [--threads 2] [--iterations 3] [--device cpu|cuda]
+    python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
 forward, backward, AdamW) on the hippocampus plan (``../shared/data/hippocampus``, the cases
@@ -17,6 +18,10 @@ with the GPU plan's augmentation (nnU-Net's) and the CPU plan's: the data feed a
 ``networks``: seconds per iteration (forward, backward, AdamW step; batch 2) of the networks medseg can build, the
 measurement behind the plan's choice of network and width per device. On CUDA the iterations run under autocast
 (float16), as ``medseg train`` does with ``amp: true``.
+
+``layout``: milliseconds per training step (forward, backward, fused AdamW; batch 4, the hippocampus patch) of the
+compiled UNet 16-128 in the contiguous and the channels-last 3D layout, both in one process, their steps alternated
+(so that a shared machine's drift hits both alike), under the autocast ``medseg train`` would use on this CPU.
 """
 
 from __future__ import annotations
@@ -269,6 +274,38 @@ def _one_setting(args: argparse.Namespace, flags: list[str], busy: bool) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def layout(args: argparse.Namespace) -> None:
+    """Median step time of the compiled hippocampus UNet, contiguous against channels-last 3D, steps alternated."""
+    from monai.losses import DiceCELoss
+
+    from medseg.train.loop import cpu_has_native_bf16
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else None  # what `amp: true` trains in on this CPU
+    batch = args.batch or 4
+    image, label = torch.randn(batch, 1, 40, 56, 40), torch.randint(0, 3, (batch, 1, 40, 56, 40))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    runs = {}
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels-last 3D", torch.channels_last_3d)):
+        torch.manual_seed(0)
+        net = unet([16, 32, 64, 128]).to(memory_format=fmt)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+        runs[name] = (torch.compile(net), optimizer, image.contiguous(memory_format=fmt), [])
+    for step in range(args.iterations + 5):
+        for model, optimizer, x, times in runs.values():
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                output = model(x)
+            loss_fn(output.float(), label).backward()
+            optimizer.step()
+            if step >= 5:  # the first steps compile
+                times.append(time.perf_counter() - start)
+    median = {name: float(np.median(run[3])) for name, run in runs.items()}
+    print(f"{dtype or torch.float32}, batch {batch}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in median.items()))
+    print(f"channels-last speed-up: {median['contiguous'] / median['channels-last 3D']:.2f}x")
+
+
 def loader(args: argparse.Namespace) -> None:
     """Samples/s of the batch loader alone (no network), with the GPU plan's augmentation (nnU-Net's preset) and
     with the CPU plan's (light), per worker count: what a GPU's data feed would get per worker process."""
@@ -296,10 +333,15 @@ def loader(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="levers", choices=["levers", "networks", "loader"])
+    parser.add_argument("what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout"])
     parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=3, help="networks: timed iterations per network")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=3,
+        help="networks: timed iterations per network; layout: per layout (at least 30)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="networks only")
     parser.add_argument("--epochs", type=int, default=5, help="levers: timed epochs (20 iterations each)")
     parser.add_argument(
@@ -332,6 +374,9 @@ def main() -> None:
         networks(args)
     elif args.what == "loader":
         loader(args)
+    elif args.what == "layout":
+        args.iterations = max(args.iterations, 30)
+        layout(args)
     else:
         levers(args)
 
