@@ -466,7 +466,7 @@ class Trainer:
             autocast = torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype))
             if self.clicks is not None:  # guidance channels from simulated clicks on the model's own prediction
                 image = self.clicks(self.model, image, label, epoch, step, autocast)
-            if self.memory_format is not None:
+            if self.memory_format == torch.channels_last_3d:  # 2D networks take [B, C, X, Y, 1] and squeeze it
                 image = image.contiguous(memory_format=self.memory_format)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast:

@@ -86,6 +86,10 @@ def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, 
     assert [r["class"] for r in rows] == config.classes
     assert all(0.0 <= r["dice"] <= 1.0 for r in rows)
     assert _history(out)[-1]["epoch"] == "2"
+    # the channels-last layout (of 2D networks: torch.channels_last) trains too
+    flat = config.model_copy(update={"train": config.train.model_copy(update={"channels_last": True})})
+    run(flat, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train2d_cl")
+    assert _history(root / "train2d_cl")[-1]["epoch"] == "2"
     # postprocess.crf refines the probabilities inside infer: same grid, a valid label
     crf = config.model_copy(
         update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True, iterations=2)})}
