@@ -219,7 +219,7 @@ class TrainConfig(_Section):
     channels_last: bool | None = Field(
         None,
         description="channels-last memory layout of the network and its input batches; null: on a CPU when compiled "
-        "(float32 steps 12-20% faster there, BENCHMARKS.md)",
+        "and training in float32 (12-20% faster there; under bfloat16 1.45x slower, BENCHMARKS.md)",
     )
     deterministic: bool = Field(False, description="deterministic algorithms (slower); always seeded")
     epochs: int | None = Field(

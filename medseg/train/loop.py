@@ -154,11 +154,17 @@ def compiles(cfg: Recipe, device: torch.device) -> bool:
     return wanted
 
 
-def memory_format(cfg: TrainConfig, device: torch.device, compiled: bool) -> torch.memory_format | None:
+def memory_format(
+    cfg: TrainConfig, device: torch.device, compiled: bool, autocast: torch.dtype | None = None
+) -> torch.memory_format | None:
     """The channels-last layout of the network and its batches when ``train.channels_last`` says so (null: on a CPU
-    when compiled: inductor's float32 convolutions ran 12-20% faster per step on the hippocampus plan, eager ones
-    and bfloat16 ones about the same; BENCHMARKS.md); None: torch's default (contiguous) layout."""
-    wanted = cfg.channels_last if cfg.channels_last is not None else device.type == "cpu" and compiled
+    when the steps are compiled and run in float32: there inductor's convolutions ran 12-20% faster per step on the
+    hippocampus plan, while under bfloat16 autocast (``autocast``) they ran 1.45x slower and eager ones about the
+    same; BENCHMARKS.md); None: torch's default (contiguous) layout."""
+    if cfg.channels_last is not None:
+        wanted = cfg.channels_last
+    else:
+        wanted = device.type == "cpu" and compiled and autocast is None
     if not wanted:
         return None
     return torch.channels_last_3d if cfg.spatial_dims == 3 else torch.channels_last
@@ -394,13 +400,13 @@ class Trainer:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.model = build_network(self.cfg, config.num_classes).to(device)
         compiled = compiles(self.cfg, device)
-        self.memory_format = memory_format(self.cfg, device, compiled)
+        self.amp_dtype = amp_dtype(self.cfg, device)
+        self.memory_format = memory_format(self.cfg, device, compiled, self.amp_dtype)
         if self.memory_format is not None:  # before the optimiser and the EMA copy see the weights
             self.model = self.model.to(memory_format=self.memory_format)
         self.loss_fn = build_loss(self.cfg, config.num_classes).to(device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.schedule = Schedule(self.optimizer, self.cfg)
-        self.amp_dtype = amp_dtype(self.cfg, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         stepped = self.model
         if ranks.active:  # gradients averaged over the ranks; rank 0's initial weights broadcast to all
