@@ -38,7 +38,7 @@ from medseg.device import select_device, split_cores, usable_cores
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
 from medseg.infer.run import predict
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv, write_volume
-from medseg.models import load_model
+from medseg.models import load_checkpoint, load_model, load_state, save_checkpoint
 from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
 from medseg.resample.functional import preprocess
 from medseg.train.loop import fit
@@ -172,6 +172,18 @@ def train_medseg(
     return out / "model.pt"
 
 
+def final_weights(checkpoint: Path) -> Path:
+    """``model.pt``'s network with the final weights of the run (``last.pt``; its moving average when
+    ``train.ema_decay`` is set) in place of the best validation's: ``model_final.pt`` beside it."""
+    best = load_checkpoint(checkpoint)
+    last = load_state(checkpoint.parent / "last.pt")
+    weights = last["state_dict"]
+    if last.get("ema"):  # torch's AveragedModel: the averaged network's weights under "module."
+        weights = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    member = {**best.members[0], "state_dict": weights, "epoch": last["epoch"]}
+    return save_checkpoint(checkpoint.parent / "model_final.pt", best.config, [member], best.plan, best.contract)
+
+
 def train_monai(train: list[dict], workdir: Path, minutes: float) -> torch.nn.Module:
     """The plain MONAI recipe: whole volumes padded to 48x64x48, UNet 16-128, Dice+CE, Adam, light augmentation."""
     from monai.data import DataLoader, Dataset
@@ -298,6 +310,11 @@ def main() -> None:
         help="training cases that validate (pick the best checkpoint); 0: all train, the last weights are kept",
     )
     parser.add_argument(
+        "--also-final",
+        action="store_true",
+        help="also score the run's final weights (last.pt) beside the kept best-validation model (recipe medseg-final)",
+    )
+    parser.add_argument(
         "--crf", action="store_true", help="also score the medseg model with postprocess.crf on (recipe medseg+crf)"
     )
     args = parser.parse_args()
@@ -346,6 +363,16 @@ def main() -> None:
         model, trained = load_model(checkpoint, device)
         rows += score("medseg", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)
         log_to_run(checkpoint.parent, config, [r for r in rows if r["recipe"] == "medseg"], model)
+        if args.also_final:  # the same run's final weights, scored on the same cases (a paired comparison)
+            final, final_config = load_model(final_weights(checkpoint), device)
+            rows += score(
+                "medseg-final",
+                lambda im: predict(final, final_config, im, config, device),
+                test,
+                args.workdir,
+                config,
+            )
+            recipes = [*recipes, "medseg-final"]
         if args.crf:  # the same model once more, with the CRF refinement of its probabilities
             with_crf = config.model_copy(
                 update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True)})}

@@ -4,6 +4,7 @@
     python benchmarks/train_speed.py loader [--worker-counts 0 1 2] [--epochs 5]
     python benchmarks/train_speed.py networks [--threads 2] [--iterations 3] [--device cpu|cuda]
     python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4]
+    python benchmarks/train_speed.py widths [--threads 2] [--iterations 20] [--batch 4]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
 forward, backward, AdamW) on the hippocampus plan (``../shared/data/hippocampus``, the cases
@@ -22,6 +23,9 @@ measurement behind the plan's choice of network and width per device. On CUDA th
 ``layout``: milliseconds per training step (forward, backward, fused AdamW; batch 4, the hippocampus patch) of the
 compiled UNet 16-128 in the contiguous and the channels-last 3D layout, both in one process, their steps alternated
 (so that a shared machine's drift hits both alike), under the autocast ``medseg train`` would use on this CPU.
+
+``widths``: the same step time for the plan's CPU UNet (16-128) against wider ones (24-192, 32-256) and a deeper one
+(3 residual units per level), alternated likewise: what a larger network costs in samples per minute.
 """
 
 from __future__ import annotations
@@ -274,36 +278,66 @@ def _one_setting(args: argparse.Namespace, flags: list[str], busy: bool) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def layout(args: argparse.Namespace) -> None:
-    """Median step time of the compiled hippocampus UNet, contiguous against channels-last 3D, steps alternated."""
+def alternated_step_ms(
+    nets: dict[str, tuple[torch.nn.Module, torch.memory_format]], batch: int, iterations: int
+) -> tuple[torch.dtype, dict[str, float]]:
+    """Median milliseconds per compiled training step (forward, backward, fused AdamW; the hippocampus patch) of each
+    network in its layout, all in one process with their steps alternated, so that a shared machine's drift hits them
+    alike; under the autocast ``medseg train`` would use on this CPU (which is returned too)."""
     from monai.losses import DiceCELoss
 
     from medseg.train.loop import cpu_has_native_bf16
 
-    torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if cpu_has_native_bf16() else None  # what `amp: true` trains in on this CPU
-    batch = args.batch or 4
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # what `amp: true` trains in on this CPU
     image, label = torch.randn(batch, 1, 40, 56, 40), torch.randint(0, 3, (batch, 1, 40, 56, 40))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     runs = {}
-    for name, fmt in (("contiguous", torch.contiguous_format), ("channels-last 3D", torch.channels_last_3d)):
-        torch.manual_seed(0)
-        net = unet([16, 32, 64, 128]).to(memory_format=fmt)
+    for name, (net, fmt) in nets.items():
+        net = net.to(memory_format=fmt)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
         runs[name] = (torch.compile(net), optimizer, image.contiguous(memory_format=fmt), [])
-    for step in range(args.iterations + 5):
+    for step in range(iterations + 5):
         for model, optimizer, x, times in runs.values():
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 output = model(x)
             loss_fn(output.float(), label).backward()
             optimizer.step()
             if step >= 5:  # the first steps compile
                 times.append(time.perf_counter() - start)
-    median = {name: float(np.median(run[3])) for name, run in runs.items()}
-    print(f"{dtype or torch.float32}, batch {batch}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in median.items()))
-    print(f"channels-last speed-up: {median['contiguous'] / median['channels-last 3D']:.2f}x")
+    return dtype, {name: 1000 * float(np.median(run[3])) for name, run in runs.items()}
+
+
+def layout(args: argparse.Namespace) -> None:
+    """Step time of the compiled hippocampus UNet, contiguous against channels-last 3D, steps alternated."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    nets = {
+        "contiguous": (unet([16, 32, 64, 128]), torch.contiguous_format),
+        "channels-last 3D": (unet([16, 32, 64, 128]), torch.channels_last_3d),
+    }
+    dtype, ms = alternated_step_ms(nets, args.batch or 4, args.iterations)
+    print(f"{dtype}, batch {args.batch or 4}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    print(f"channels-last speed-up: {ms['contiguous'] / ms['channels-last 3D']:.2f}x")
+
+
+def widths(args: argparse.Namespace) -> None:
+    """Step time of the compiled hippocampus UNet at the plan's width (16-128) against wider and deeper ones."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    features = {"16-128": [16, 32, 64, 128], "24-192": [24, 48, 96, 192], "32-256": [32, 64, 128, 256]}
+    nets = {f"UNet {k}": (unet(v), torch.contiguous_format) for k, v in features.items()}
+    nets["UNet 16-128, 3 residual units"] = (
+        UNet(3, 1, 3, features["16-128"], [2, 2, 2], num_res_units=3, norm="instance"),
+        torch.contiguous_format,
+    )
+    dtype, ms = alternated_step_ms(nets, args.batch or 4, args.iterations)
+    base = ms["UNet 16-128"]
+    print(f"{dtype}, batch {args.batch or 4}, compiled, steps alternated:")
+    for (name, value), (net, _) in zip(ms.items(), nets.values(), strict=True):
+        params = sum(p.numel() for p in net.parameters())
+        print(f"  {name:32s} {value:7.1f} ms  {value / base:.2f}x  {params:,} parameters")
 
 
 def loader(args: argparse.Namespace) -> None:
@@ -333,14 +367,16 @@ def loader(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout"])
+    parser.add_argument(
+        "what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout", "widths"]
+    )
     parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--iterations",
         type=int,
         default=3,
-        help="networks: timed iterations per network; layout: per layout (at least 30)",
+        help="networks: timed iterations per network; layout, widths: per network (at least 30, 20)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="networks only")
     parser.add_argument("--epochs", type=int, default=5, help="levers: timed epochs (20 iterations each)")
@@ -374,9 +410,9 @@ def main() -> None:
         networks(args)
     elif args.what == "loader":
         loader(args)
-    elif args.what == "layout":
-        args.iterations = max(args.iterations, 30)
-        layout(args)
+    elif args.what in ("layout", "widths"):
+        args.iterations = max(args.iterations, 20 if args.what == "widths" else 30)
+        (layout if args.what == "layout" else widths)(args)
     else:
         levers(args)
 
