@@ -315,6 +315,13 @@ def main() -> None:
         help="also score the run's final weights (last.pt) beside the kept best-validation model (recipe medseg-final)",
     )
     parser.add_argument(
+        "--score-train",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also score the kept model on every K-th training case (recipe medseg-train): the generalisation gap",
+    )
+    parser.add_argument(
         "--crf", action="store_true", help="also score the medseg model with postprocess.crf on (recipe medseg+crf)"
     )
     args = parser.parse_args()
@@ -373,6 +380,12 @@ def main() -> None:
                 config,
             )
             recipes = [*recipes, "medseg-final"]
+        if args.score_train:  # Dice on cases it trained on, beside the held-out Dice: how much it overfits
+            seen = train[: len(train) - args.val_cases][:: args.score_train]  # not the validation cases
+            rows += score(
+                "medseg-train", lambda im: predict(model, trained, im, config, device), seen, args.workdir, config
+            )
+            recipes = [*recipes, "medseg-train"]
         if args.crf:  # the same model once more, with the CRF refinement of its probabilities
             with_crf = config.model_copy(
                 update={"postprocess": config.postprocess.model_copy(update={"crf": CrfConfig(enabled=True)})}

@@ -128,9 +128,10 @@ class ResampleConfig(_Section):
 class AugmentConfig(_Section):
     """Training augmentation. Spatial transforms move image and mask together.
 
-    The values below are nnU-Net's recipe (``preset: nnunet``). ``preset: light`` (flips, milder rotation and
-    scaling, mild intensity changes, no blur or simulated low resolution) suits the few thousand iterations a CPU
-    budget buys; ``auto`` picks nnunet on a GPU and light on a CPU. A key set in the config wins over the preset.
+    The values below are nnU-Net's recipe (``preset: nnunet``). ``preset: light`` (flips, rotation and scaling
+    more often but milder, mild intensity changes, no blur or simulated low resolution) suits the few thousand
+    iterations a CPU budget buys; ``auto`` picks nnunet on a GPU and light on a CPU. A key set in the config wins
+    over the preset.
     """
 
     preset: Literal["auto", "nnunet", "light"] = "auto"

@@ -126,7 +126,7 @@ def test_augmentation_preset_follows_the_device_and_keeps_user_keys() -> None:
     config = validate_config({"train": {"augment": {"noise_prob": 0.4}}})
     cases = [_case((40, 40, 20), (1.0, 1.0, 1.0), 1.0)]
     on_cpu = resolve_train(config.train, make_plan(fingerprint(cases, 3), config, "cpu")["train"]).augment
-    assert on_cpu.preset == "light" and on_cpu.rotation_deg == 15.0 and on_cpu.low_resolution_prob == 0.0
+    assert on_cpu.preset == "light" and on_cpu.rotation_deg == 20.0 and on_cpu.low_resolution_prob == 0.0
     assert on_cpu.noise_prob == 0.4  # set by the user: kept
     on_gpu = resolve_train(config.train, make_plan(fingerprint(cases, 3), config, "cuda")["train"]).augment
     assert on_gpu.preset == "nnunet" and on_gpu == AugmentConfig(preset="nnunet", noise_prob=0.4)
