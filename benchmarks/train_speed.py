@@ -112,16 +112,44 @@ HOG = (
 )
 
 
+def with_monai_affines(transform: Any) -> Any:
+    """``transform`` (a training ``Compose``) with medseg's one-resampling rotation and scaling replaced by what
+    medseg used before session 11: MONAI's ``RandAffined`` twice, rotation then scaling, the same ranges."""
+    from monai.transforms import Compose, RandAffined
+
+    from medseg.train.transforms import KEYS, RandRotateScaled
+
+    out = []
+    for t in transform.transforms:
+        if isinstance(t, RandRotateScaled):
+            for prob, key, ranges in (
+                (t.rotation_prob, "rotate_range", t.rotate_range),
+                (t.scale_prob, "scale_range", t.scale_range),
+            ):
+                if prob > 0:
+                    out.append(
+                        RandAffined(
+                            KEYS, prob=prob, mode=("bilinear", "nearest"), padding_mode="zeros", **{key: ranges}
+                        )
+                    )
+        else:
+            out.append(t)
+    return Compose(out)
+
+
 class LegacyLoader:
     """The batch drawing of medseg before the data pipeline (commit 3dfd396): in the training process, one patch
-    after another, each padded and searched for foreground afresh, with MONAI's metadata tracking on."""
+    after another, each padded and searched for foreground afresh, with MONAI's metadata tracking on, rotated and
+    scaled by MONAI's ``RandAffined`` (one for each)."""
 
     def __init__(self, items: list[dict], cfg: Any) -> None:
         from medseg.train.transforms import train_transforms
 
         self.items, self.cfg = items, cfg
-        self.transform = train_transforms(
-            cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
+        self.transform = with_monai_affines(
+            train_transforms(
+                cfg.augment, cfg.patch_size_vox, cfg.spatial_dims, cfg.samples_per_volume, cfg.foreground_fraction
+            )
         )
 
     def epoch(self, epoch: int) -> Any:
@@ -190,6 +218,8 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
         if args.legacy:
             trainer.loader.close()
             trainer.loader = LegacyLoader(items, trainer.cfg)
+        elif args.monai_affine:  # before the first epoch, so worker processes get it too
+            trainer.loader.dataset.transform = with_monai_affines(trainer.loader.dataset.transform)
         if args.unfused:
             trainer.optimizer = torch.optim.AdamW(
                 trainer.model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
@@ -210,22 +240,21 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
     print(json.dumps({"samples_per_s": samples / seconds, "warmup_s": warm}))
 
 
-OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile", "--no-channels-last"]
+OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile", "--no-channels-last", "--monai-affine"]
+NEW = ["--batch", "4", "--workers", "0", "--amp", "--compile"]
 SETTINGS = [
     ("before: 3dfd396's drawing, float32, AdamW, batch 2", [*OLD, "--legacy", "--unfused", "--fixed-threads"]),
     ("+ volumes padded once, crop centres kept, no MONAI metadata", [*OLD, "--unfused", "--fixed-threads"]),
     ("+ fused AdamW", [*OLD, "--fixed-threads"]),
     ("+ bfloat16 autocast (AMX)", [*OLD, "--amp", "--fixed-threads"]),
     ("+ torch.compile", [*OLD, "--amp", "--compile", "--fixed-threads"]),
-    (
-        "+ batch 4 (the plan's CPU batch now)",
-        ["--batch", "4", "--workers", "0", "--amp", "--compile", "--no-channels-last", "--fixed-threads"],
-    ),
+    ("+ batch 4 (the plan's CPU batch now)", [*NEW, "--no-channels-last", "--monai-affine", "--fixed-threads"]),
     (
         "+ channels-last 3D (medseg: only on a CPU without bf16)",
-        ["--batch", "4", "--workers", "0", "--amp", "--compile", "--channels-last", "--fixed-threads"],
+        [*NEW, "--channels-last", "--monai-affine", "--fixed-threads"],
     ),
-    ("+ thread tuner = medseg's default", ["--batch", "4", "--workers", "0", "--amp", "--compile"]),
+    ("+ thread tuner", [*NEW, "--monai-affine"]),
+    ("+ rotation and scaling in one resampling = medseg's default", NEW),
     ("  (default with 1 worker process)", ["--batch", "4", "--workers", "1", "--amp", "--compile"]),
 ]
 
@@ -342,27 +371,46 @@ def widths(args: argparse.Namespace) -> None:
 
 def loader(args: argparse.Namespace) -> None:
     """Samples/s of the batch loader alone (no network), with the GPU plan's augmentation (nnU-Net's preset) and
-    with the CPU plan's (light), per worker count: what a GPU's data feed would get per worker process."""
+    with the CPU plan's (light), per worker count: what a GPU's data feed would get per worker process. Each is
+    measured with medseg's rotation and scaling and again with MONAI's ``RandAffined`` pair (before session 11),
+    ``--repeat`` rounds alternated in this process, median reported."""
     from medseg.config import AugmentConfig
     from medseg.plan.functional import resolve_augment
     from medseg.train.data import BatchLoader
 
     resolved, items = hippocampus_items(args.train_dir, args.cache)
-    for preset, batch in (("nnunet", 2), ("light", 4)):
-        augment = resolve_augment(AugmentConfig(), preset)
-        cfg = resolved.train.model_copy(update={"augment": augment, "batch_size": batch, "iterations_per_epoch": 50})
+    rates: dict[tuple[str, int, str], list[float]] = {}
+    for _ in range(args.repeat):
+        for preset, batch in (("nnunet", 2), ("light", 4)):
+            augment = resolve_augment(AugmentConfig(), preset)
+            update = {"augment": augment, "batch_size": batch, "iterations_per_epoch": 50}
+            cfg = resolved.train.model_copy(update=update)
+            for workers in args.worker_counts:
+                for affine in ("medseg one resampling", "MONAI RandAffined x2"):
+                    batches = BatchLoader(items, cfg, workers)
+                    if affine.startswith("MONAI"):
+                        batches.dataset.transform = with_monai_affines(batches.dataset.transform)
+                    try:
+                        for _ in batches.epoch(1):  # starts the workers
+                            pass
+                        start, samples = time.perf_counter(), 0
+                        for epoch in range(2, 2 + args.epochs):
+                            samples += sum(b["image"].shape[0] for b in batches.epoch(epoch))
+                        rate = samples / (time.perf_counter() - start)
+                    finally:
+                        batches.close()
+                    rates.setdefault((preset, workers, affine), []).append(rate)
+                    print(f"{preset}, batch {batch}, {workers} worker(s), {affine}: {rate:.0f} samples/s", flush=True)
+    print(f"\nmedian of {args.repeat} round(s) of {args.epochs} epochs (50 batches each)")
+    print("| augmentation | workers | medseg one resampling | MONAI RandAffined x2 | ratio |")
+    print("|---|---|---|---|---|")
+    for preset in ("nnunet", "light"):
         for workers in args.worker_counts:
-            batches = BatchLoader(items, cfg, workers)
-            try:
-                for _ in batches.epoch(1):  # starts the workers
-                    pass
-                start, samples = time.perf_counter(), 0
-                for epoch in range(2, 2 + args.epochs):
-                    samples += sum(b["image"].shape[0] for b in batches.epoch(epoch))
-                rate = samples / (time.perf_counter() - start)
-            finally:
-                batches.close()
-            print(f"{preset} augmentation, batch {batch}, {workers} worker(s): {rate:.0f} samples/s", flush=True)
+            new, old = (
+                sorted(rates[(preset, workers, a)])[args.repeat // 2]
+                for a in ("medseg one resampling", "MONAI RandAffined x2")
+            )
+            print(f"| {preset} | {workers} | {new:.0f} | {old:.0f} | {new / old:.2f}x |")
 
 
 def main() -> None:
@@ -379,14 +427,16 @@ def main() -> None:
         help="networks: timed iterations per network; layout, widths: per network (at least 30, 20)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="networks only")
-    parser.add_argument("--epochs", type=int, default=5, help="levers: timed epochs (20 iterations each)")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="levers: timed epochs (20 iterations each); loader: (50 each)"
+    )
     parser.add_argument(
         "--busy",
         default="",
         help="levers: the settings (name parts, comma-separated) to measure "
         "again beside a torch process in another session; 'all' for every one",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="levers: rounds over the settings (median reported)")
+    parser.add_argument("--repeat", type=int, default=1, help="levers, loader: rounds (median reported)")
     parser.add_argument("--only", default="", help="levers: comma-separated parts of the setting names to run")
     parser.add_argument("--train-dir", type=Path, default=Path("../shared/data/hippocampus"))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medseg_train_speed.pkl")
@@ -399,6 +449,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--monai-affine", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fixed-threads", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.train_dir, args.cache = args.train_dir.resolve(), args.cache.resolve()

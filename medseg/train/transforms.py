@@ -10,28 +10,113 @@ For 2D (patches ``(X, Y, 1)``) rotation is in-plane, scaling and mirroring act o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     MapTransform,
     Rand3DElasticd,
     RandAdjustContrastd,
-    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
     SpatialPadd,
 )
+from monai.transforms.utils import create_rotate, create_scale
+from torch.nn import functional
 
 from medseg.config import AugmentConfig
 
 KEYS = ("image", "label")
+
+
+@functools.lru_cache(maxsize=8)
+def _base_grid(shape: tuple[int, ...]) -> torch.Tensor:
+    """``grid_sample``'s identity grid for ``shape`` (align_corners=False): (X, Y, Z, 3), the last axis (z, y, x)."""
+    axes = [(2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)
+
+
+class RandRotateScaled(RandomizableTransform, MapTransform):
+    """Rotate (with ``rotation_prob``) and scale (with ``scale_prob``, independently) ``keys`` together, in one
+    resampling: trilinear for the image, nearest for the label, zeros outside, the output on the input's grid.
+
+    The angles and factors are drawn as MONAI's ``RandAffined`` draws them (``rotate_range``: per axis a radian
+    range or 0; ``scale_range``: per axis a range added to 1) and the matrix is MONAI's (``create_rotate @
+    create_scale``, in voxel space about the patch centre). Why not ``RandAffined`` itself: on these small patches
+    it spends about 4 of its 5 ms per call outside the resampling (grid building and bookkeeping; measured with
+    metadata tracking off, 40 x 56 x 40 patches), and with rotation and scaling as two transforms a patch drawn for
+    both is resampled twice. Here the work is one ``affine_grid`` and one ``grid_sample`` per key.
+
+    Args:
+        keys: the keys to transform (all the same spatial shape).
+        rotation_prob: chance of a rotation. rotate_range: per axis ``(lo, hi)`` radians, or 0 for none.
+        scale_prob: chance of a scaling. scale_range: per axis ``(lo, hi)`` added to 1, or 0 for none.
+        modes: ``grid_sample`` mode per key (``bilinear`` is trilinear in 3D; ``nearest`` for labels).
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        rotation_prob: float,
+        rotate_range: Sequence[Any],
+        scale_prob: float,
+        scale_range: Sequence[Any],
+        modes: Sequence[str] = ("bilinear", "nearest"),
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.rotation_prob, self.scale_prob = rotation_prob, scale_prob
+        self.rotate_range = [r if isinstance(r, Sequence) else (-float(r), float(r)) for r in rotate_range]
+        self.scale_range = [r if isinstance(r, Sequence) else (-float(r), float(r)) for r in scale_range]
+        self.modes = dict(zip(keys, modes, strict=True))
+        self.matrix: np.ndarray | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        matrix = np.eye(4)
+        drawn = False
+        if self.R.rand() < self.rotation_prob:
+            angles = [self.R.uniform(lo, hi) for lo, hi in self.rotate_range]
+            matrix = matrix @ create_rotate(3, angles)
+            drawn = True
+        if self.R.rand() < self.scale_prob:
+            factors = [1.0 + self.R.uniform(lo, hi) for lo, hi in self.scale_range]
+            matrix = matrix @ create_scale(3, factors)
+            drawn = True
+        self.matrix = matrix[:3, :3] if drawn else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        out = dict(data)
+        if self.matrix is None:
+            return out
+        shape = tuple(np.shape(out[self.keys[0]])[1:])
+        # the matrix maps output to input voxel offsets from the centre; grid_sample wants normalised coordinates
+        # (align_corners=False: offset = n * size / 2) with the axes in reverse order (x indexes the last dim)
+        half = np.asarray(shape, dtype=float) / 2.0
+        theta = (self.matrix * half[None, :] / half[:, None])[::-1, ::-1]
+        theta = torch.as_tensor(theta.copy(), dtype=torch.float32)
+        # grid = base @ theta.T written out elementwise: a matmul (affine_grid's) rounds differently with the
+        # thread count, and a worker process (1 thread) must draw exactly what the training process draws
+        base = _base_grid(shape)
+        grid = base[..., 0, None] * theta[:, 0] + base[..., 1, None] * theta[:, 1] + base[..., 2, None] * theta[:, 2]
+        grid = grid[None]
+        for key in self.key_iterator(out):
+            array = torch.as_tensor(out[key])
+            moved = functional.grid_sample(
+                array[None].float(), grid, mode=self.modes[key], padding_mode="zeros", align_corners=False
+            )[0]
+            out[key] = moved.to(array.dtype)
+        return out
 
 
 def spatial_transforms(augment: AugmentConfig, spatial_dims: int) -> list[MapTransform]:
@@ -48,27 +133,9 @@ def spatial_transforms(augment: AugmentConfig, spatial_dims: int) -> list[MapTra
         scale_range = (scale, scale, scale)
         flip_axes = (0, 1, 2)
     out: list[MapTransform] = []
-    if augment.rotation_prob > 0:
-        out.append(
-            RandAffined(
-                KEYS,
-                prob=augment.rotation_prob,
-                rotate_range=rotate,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            )
-        )
-    if augment.scale_prob > 0:
+    if augment.rotation_prob > 0 or augment.scale_prob > 0:
         # nnU-Net draws one zoom for all axes; MONAI's scale_range draws per axis, which also covers aspect changes
-        out.append(
-            RandAffined(
-                KEYS,
-                prob=augment.scale_prob,
-                scale_range=scale_range,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            )
-        )
+        out.append(RandRotateScaled(KEYS, augment.rotation_prob, rotate, augment.scale_prob, scale_range))
     if augment.elastic_prob > 0 and spatial_dims == 3:
         out.append(
             Rand3DElasticd(

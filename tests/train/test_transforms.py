@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from monai.transforms import Compose, RandFlipd
 
 from medseg.config import AugmentConfig
@@ -114,3 +115,57 @@ def test_intensity_augmentation_changes_the_image_only() -> None:
     label = np.asarray(patch["label"][0]).astype(int)
     assert not np.allclose(np.asarray(patch["image"]).argmax(0), np.asarray(patch["image"]).max(0))
     assert set(np.unique(label)) <= {0, 1, 2} and np.asarray(patch["image"]).std() > 0.05
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 16), (20, 24, 1)])
+def test_rotate_scale_resamples_as_monai_affine_does(shape: tuple[int, int, int]) -> None:
+    """medseg's one-resampling rotation and scaling gives MONAI's ``Affine`` output for the same angles and factors
+    (the same matrix convention, centre and axis order), on a 3D patch and on a 2D one (Z of 1, in-plane)."""
+    from monai.data import set_track_meta
+    from monai.transforms import Affine
+
+    from medseg.train.transforms import RandRotateScaled
+
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.normal(size=(2, *shape)), dtype=torch.float32)
+    label = torch.as_tensor(rng.integers(0, 3, size=(1, *shape)), dtype=torch.int16)
+    in_plane = shape[2] == 1
+    transform = RandRotateScaled(
+        ("image", "label"),
+        1.0,
+        (0.0, 0.0, 0.5) if in_plane else (0.5, 0.5, 0.5),
+        1.0,
+        (0.3, 0.3, 0.0) if in_plane else (0.3, 0.3, 0.3),
+    )
+    set_track_meta(False)
+    try:
+        for seed in range(4):
+            transform.set_random_state(seed=seed)
+            out = transform({"image": image, "label": label})
+            # the same draws, replayed: rotation angles then scale factors, as randomize draws them
+            replay = np.random.RandomState(seed)
+            replay.rand()
+            angles = [replay.uniform(lo, hi) for lo, hi in transform.rotate_range]
+            replay.rand()
+            factors = [1.0 + replay.uniform(lo, hi) for lo, hi in transform.scale_range]
+            expected_image = Affine(rotate_params=angles, scale_params=factors, padding_mode="zeros", image_only=True)(
+                image, mode="bilinear"
+            )
+            expected_label = Affine(rotate_params=angles, scale_params=factors, padding_mode="zeros", image_only=True)(
+                label.float(), mode="nearest"
+            )
+            assert out["label"].dtype == torch.int16 and out["image"].shape == image.shape
+            np.testing.assert_allclose(out["image"].numpy(), np.asarray(expected_image), atol=1e-4)
+            # nearest neighbour may round a voxel exactly between two others either way
+            assert (out["label"].numpy() != np.asarray(expected_label)).mean() < 0.002
+    finally:
+        set_track_meta(True)
+
+
+def test_rotate_scale_with_no_draw_returns_the_input() -> None:
+    from medseg.train.transforms import RandRotateScaled
+
+    volume = {"image": torch.ones(1, 8, 8, 8), "label": torch.zeros(1, 8, 8, 8, dtype=torch.int16)}
+    transform = RandRotateScaled(("image", "label"), 0.0, (0.5, 0.5, 0.5), 0.0, (0.2, 0.2, 0.2))
+    out = transform(volume)
+    assert out["image"] is volume["image"] and out["label"] is volume["label"]
