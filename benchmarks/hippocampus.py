@@ -10,8 +10,9 @@ x class) and ``summary.json`` in the working directory. Without ``--test-dir`` t
 Recipes, each given ``--minutes`` of training:
 - ``medseg``: ``medseg.train`` with its library defaults: the data plan (on a CPU: MONAI's residual UNet 16-128
   and the light augmentation preset; on a GPU: DynUNet 32-256 with deep supervision and nnU-Net's augmentation),
-  Dice+CE, AdamW with warm-up and cosine decay on the time budget, MR per-case z-score, the best of 8 validation
-  cases' checkpoints; scored with the default ``infer`` config (``mirror: auto`` mirrors a one-window scan).
+  Dice+CE, AdamW with warm-up and cosine decay on the time budget, MR per-case z-score, 8 training cases validate
+  and the final weights are kept (``train.keep_weights``); scored with the default ``infer`` config (``mirror:
+  auto`` mirrors a one-window scan).
 - ``monai``: a plain MONAI 3D UNet (16-128 channels), Dice+CE, Adam, flips and a light affine on whole volumes
   padded to 48x64x48, per-case z-score.
 """
@@ -91,7 +92,7 @@ HOLDOUT = [
     "hippocampus_383",
     "hippocampus_390",
 ]
-N_VAL = 8  # medseg validates on the last 8 training cases (sorted) to pick its best checkpoint
+N_VAL = 8  # medseg validates on the last 8 training cases (sorted)
 
 
 def msd_cases(folder: Path, images: str, labels: str) -> list[dict[str, Any]]:
@@ -142,7 +143,7 @@ def train_medseg(
     train: list[dict], workdir: Path, minutes: float, overrides: list[str] = (), n_val: int = N_VAL
 ) -> Path:
     """medseg's defaults: plan from the training cases, then ``medseg.train.loop.fit``; returns ``model.pt``
-    (the best of the last ``n_val`` cases' validations; with 0, every case trains and the last weights are kept)."""
+    (the last ``n_val`` cases validate; with 0, every case trains; ``train.keep_weights`` says which weights)."""
     config = validate_config(base_config(workdir, minutes, overrides), "hippocampus benchmark")
     loaded = [(read_volume(c["image"], Image), read_volume(c["label"], Label)) for c in train]
     device = select_device(config.train.device)
@@ -174,7 +175,7 @@ def train_medseg(
 
 def final_weights(checkpoint: Path) -> Path:
     """``model.pt``'s network with the final weights of the run (``last.pt``; its moving average when
-    ``train.ema_decay`` is set) in place of the best validation's: ``model_final.pt`` beside it."""
+    ``train.ema_decay`` is set) in place of the kept ones: ``model_final.pt`` beside it."""
     best = load_checkpoint(checkpoint)
     last = load_state(checkpoint.parent / "last.pt")
     weights = last["state_dict"]
@@ -307,12 +308,13 @@ def main() -> None:
         "--val-cases",
         type=int,
         default=N_VAL,
-        help="training cases that validate (pick the best checkpoint); 0: all train, the last weights are kept",
+        help="training cases that validate (the best checkpoint with train.keep_weights=best); 0: all train",
     )
     parser.add_argument(
         "--also-final",
         action="store_true",
-        help="also score the run's final weights (last.pt) beside the kept best-validation model (recipe medseg-final)",
+        help="also score the run's final weights (last.pt) beside model.pt (recipe medseg-final; a paired comparison "
+        "with --set train.keep_weights=best)",
     )
     parser.add_argument(
         "--score-train",

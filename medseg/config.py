@@ -240,6 +240,11 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many validations without improvement"
     )
+    keep_weights: Literal["best", "final"] | None = Field(
+        None,
+        description="the weights model.pt keeps: final (the end of training, as nnU-Net's checkpoint_final) or "
+        "best (the best validation Dice's); null: final, or best when early_stopping_patience is set",
+    )
     folds: int | None = Field(None, ge=2, description="k-fold cross-validation over train+val patients")
     fold: int = Field(0, ge=0, description="which fold validates when folds is set")
     log_model: bool = Field(True, description="log the best model to MLflow as an MLflow pytorch model")

@@ -1,10 +1,10 @@
 """`medseg train`: the plan's recipe, trained on the manifest's train patients and validated on its val patients
 (or, with ``train.folds``, on one fold of both: ``--fold``), tracked in MLflow, resumed after a crash.
 
-Outputs in the model's folder: ``model.pt`` (best by validation Dice; carries the config, the plan and the model
-contract, see :mod:`medseg.models`), ``last.pt`` (everything needed to resume), ``history.tsv``, ``config.yaml``
-(resolved) and ``run.json`` (the MLflow run id later stages log into). ``medseg ensemble`` bundles the folds'
-models into one ``model.pt`` whose members infer and predict average.
+Outputs in the model's folder: ``model.pt`` (the final weights, or the best validation's: ``train.keep_weights``;
+carries the config, the plan and the model contract, see :mod:`medseg.models`), ``last.pt`` (everything needed to
+resume), ``history.tsv``, ``config.yaml`` (resolved) and ``run.json`` (the MLflow run id later stages log into).
+``medseg ensemble`` bundles the folds' models into one ``model.pt`` whose members infer and predict average.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
         tracking.log_params({**base.to_dict(), "ensemble_folds": len(fold_dirs)})
         tracking.set_tags({"fold_runs": ",".join(fold_runs), "git_commit": tracking.git_commit()})
         tracking.log_metrics(
-            {f"fold{m['fold']}_best_val_dice": float(m["val_dice"]) for m in members if m.get("fold") is not None}, 0
+            {f"fold{m['fold']}_val_dice": float(m["val_dice"]) for m in members if m.get("fold") is not None}, 0
         )
         tracking.log_artifact(path, "train")
         write_json(output_dir / "run.json", {"run_id": run_id, "tracking_uri": config.tracking.uri})

@@ -195,6 +195,21 @@ def test_early_stopping(tiny_dataset: dict, make_config: Callable) -> None:
     assert summary["stopped"] == "early stopping" and summary["epochs"] == 3 and summary["best_epoch"] == 1
 
 
+@pytest.mark.parametrize(("keep", "patience", "epoch"), [(None, None, 3), ("best", None, 1), (None, 5, 1)])
+def test_model_pt_keeps_the_final_weights_unless_asked_for_the_best(
+    tiny_dataset: dict, make_config: Callable, keep: str | None, patience: int | None, epoch: int
+) -> None:
+    """``train.keep_weights``: final by default (the last validation's weights), best on request or when early
+    stopping is on. The validation Dice cannot change (a learning rate of 1e-12), so the best is epoch 1's."""
+    root = tiny_dataset["root"]
+    settings = {"keep_weights": keep, "early_stopping_patience": patience}
+    config = make_config(root, epochs=3, learning_rate=1e-12, network="unet", **settings)
+    summary = run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
+    assert summary["best_epoch"] == 1 and summary["epochs"] == 3
+    (member,) = load_checkpoint(root / "train" / "model.pt").members
+    assert member["epoch"] == epoch
+
+
 def test_k_fold_split_is_by_subject_and_written_in_the_plan(tiny_dataset: dict, make_config: Callable) -> None:
     root = tiny_dataset["root"]
     entries = read_manifest(tiny_dataset["manifest"])
