@@ -513,8 +513,8 @@ class Trainer:
         final weights) or of the best one.
 
         Why final by default: in 14 hippocampus runs of 15 minutes (BENCHMARKS.md) the final weights scored higher on
-        the held-out cases than the best-validation ones 12 times, lower once (+0.0009 Dice on average): picking the best of
-        ~100 noisy validations on a few cases selects noise. nnU-Net also predicts with its final checkpoint."""
+        the held-out cases than the best-validation ones 12 times, lower once (+0.0009 Dice on average): picking the
+        best of ~100 noisy validations on a few cases selects noise. nnU-Net also predicts with its final checkpoint."""
         progress, path, model = self.progress, self.output_dir / "model.pt", self.kept_model
         if not self.ranks.main:
             return
