@@ -174,12 +174,15 @@ def hippocampus_items(train_dir: Path, cache: Path) -> tuple[Any, list[dict]]:
     """The hippocampus plan (as ``benchmarks/hippocampus.py`` makes it) and its preprocessed training cases."""
     import pickle
 
+    from medseg.config import validate_config
+
     if cache.exists():
         with open(cache, "rb") as f:
-            return pickle.load(f)  # our own cache file, written just below by this script
+            resolved, items = pickle.load(f)  # our own cache file, written just below by this script
+        # validated again: a config pickled by an older medseg lacks the keys added since
+        return validate_config(resolved.to_dict(), "train_speed cache"), items
     from hippocampus import HOLDOUT, base_config, msd_cases
 
-    from medseg.config import validate_config
     from medseg.io import read_volume
     from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
     from medseg.resample.functional import preprocess

@@ -98,11 +98,8 @@ class PatchBatches(Dataset):
         epoch, i = index
         rng = np.random.default_rng([self.cfg.seed, epoch, i])
         self.transform.set_random_state(seed=int(rng.integers(2**31)))
-        tracking, threads = get_track_meta(), torch.get_num_threads()
+        tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: MONAI's metadata bookkeeping costs a third of an affine's time
-        # one torch thread, as in a worker process: some transforms round differently with the thread count (MONAI's
-        # elastic deformation smooths its field with a convolution), and the batch must not depend on where it is drawn
-        torch.set_num_threads(1)
         try:
             patches: list[dict[str, Any]] = []
             while len(patches) < self.cfg.batch_size:
@@ -110,7 +107,6 @@ class PatchBatches(Dataset):
                 patches.extend(out if isinstance(out, list) else [out])
         finally:
             set_track_meta(tracking)
-            torch.set_num_threads(threads)
         patches = patches[: self.cfg.batch_size]
         return {
             "image": torch.stack([torch.as_tensor(p["image"], dtype=torch.float32) for p in patches]),

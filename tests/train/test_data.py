@@ -57,8 +57,11 @@ def same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> 
 def test_batches_depend_on_seed_and_epoch_only_not_on_workers_or_order() -> None:
     items, cfg = blob_items(), recipe()
     in_process, two_workers = BatchLoader(items, cfg, 0), BatchLoader(items, cfg, 2)
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(4)  # the training process may have several threads, a worker has one
         epoch3 = draw(in_process, 3)
+        torch.set_num_threads(threads)
         assert len(epoch3) == 4 and epoch3[0]["image"].shape == (3, 1, 16, 16, 8)
         assert epoch3[0]["label"].shape == (3, 1, 16, 16, 8) and epoch3[0]["image"].dtype == torch.float32
         assert same(draw(two_workers, 3), epoch3)  # 2 worker processes draw what the training process drew
@@ -69,6 +72,7 @@ def test_batches_depend_on_seed_and_epoch_only_not_on_workers_or_order() -> None
         partial = next(iter(two_workers.epoch(5)))  # stopped after one batch (a time budget), then epoch 5 again
         assert torch.equal(draw(two_workers, 5)[0]["image"], partial["image"])
     finally:
+        torch.set_num_threads(threads)
         two_workers.close()
 
 
