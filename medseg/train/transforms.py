@@ -73,7 +73,8 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
     create_scale``, in voxel space about the patch centre). Why not ``RandAffined`` itself: on these small patches
     it spends about 4 of its 5 ms per call outside the resampling (grid building and bookkeeping; measured with
     metadata tracking off, 40 x 56 x 40 patches), and with rotation and scaling as two transforms a patch drawn for
-    both is resampled twice. Here the work is one ``affine_grid`` and one ``grid_sample`` per key.
+    both is resampled twice. Here the work is one sampling grid (the cached identity grid times the matrix) and one
+    ``grid_sample`` per key: about 2.5 ms per transformed 40 x 56 x 40 patch and its mask, on one thread.
 
     Args:
         keys: the keys to transform (all the same spatial shape).
