@@ -247,7 +247,7 @@ class TrainConfig(_Section):
     )
     folds: int | None = Field(None, ge=2, description="k-fold cross-validation over train+val patients")
     fold: int = Field(0, ge=0, description="which fold validates when folds is set")
-    log_model: bool = Field(True, description="log the best model to MLflow as an MLflow pytorch model")
+    log_model: bool = Field(True, description="log model.pt (the kept weights) to MLflow as an MLflow pytorch model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: Snakemake's threads")

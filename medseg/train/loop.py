@@ -600,7 +600,7 @@ class Trainer:
 
 
 def _log_mlflow_model(checkpoint: Path, patch_size_vox: tuple[int, int, int], channels: int = 1) -> None:
-    """The best model as an MLflow pytorch model, with a one-patch input example and its output."""
+    """``model.pt`` (the kept weights) as an MLflow pytorch model, with a one-patch input example and its output."""
     model = load_checkpoint(checkpoint).network("cpu")
     example = np.zeros((1, channels, *patch_size_vox), dtype=np.float32)
     with torch.no_grad():
