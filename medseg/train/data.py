@@ -28,7 +28,7 @@ from monai.transforms import SpatialPadd
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medseg.config import Recipe
-from medseg.train.transforms import KEYS, train_transforms
+from medseg.train.transforms import KEYS, reseed, train_transforms
 
 MAX_LOCATIONS = 10_000  # foreground and background voxel positions kept per volume for crop centres
 
@@ -83,6 +83,7 @@ class PatchBatches(Dataset):
             cfg.foreground_fraction,
             locations=True,
         )
+        self.transform.set_random_state(seed=cfg.seed)  # every random transform gets its own state, re-seeded per batch
 
     def volume(self, i: int) -> dict[str, np.ndarray]:
         """Volume ``i`` as numpy views into the shared blocks (``image``, ``label``, ``fg``, ``bg``)."""
@@ -97,7 +98,7 @@ class PatchBatches(Dataset):
     def __getitem__(self, index: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, i = index
         rng = np.random.default_rng([self.cfg.seed, epoch, i])
-        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        reseed(self.transform, int(rng.integers(2**31)))  # = MONAI's set_random_state(seed=...), 1.5 ms faster
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: MONAI's metadata bookkeeping costs a third of an affine's time
         try:

@@ -193,3 +193,32 @@ def test_a_patch_does_not_depend_on_the_thread_count() -> None:
             assert torch.equal(torch.as_tensor(patches[0]["label"]), torch.as_tensor(patches[1]["label"])), seed
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_reseeding_draws_what_monai_seeding_draws(p: float) -> None:
+    """``reseed`` (what the batch loader calls per batch) must give the patches MONAI's ``set_random_state`` gives,
+    for every transform medseg uses, those that wrap an inner random transform included, batch after batch."""
+    from medseg.train.transforms import reseed
+
+    augment = AugmentConfig(
+        preset="nnunet",
+        **{k: p for k in ("rotation_prob", "scale_prob", "elastic_prob", "noise_prob", "blur_prob")},
+        **{k: p for k in ("brightness_prob", "contrast_prob", "low_resolution_prob", "gamma_prob", "flip_prob")},
+    )
+    rng = np.random.default_rng(5)
+    volume = {
+        "image": rng.normal(size=(1, 30, 34, 28)).astype(np.float32),
+        "label": (rng.random((1, 30, 34, 28)) > 0.6).astype(np.int16),
+    }
+    reused = train_transforms(augment, (24, 24, 20), samples_per_volume=2)
+    reused.set_random_state(seed=0)
+    for seed in (7, 2**31 - 1, 12345, 7):
+        fresh = train_transforms(augment, (24, 24, 20), samples_per_volume=2)
+        fresh.set_random_state(seed=seed)
+        expected = fresh(dict(volume))
+        reseed(reused, seed)
+        drawn = reused(dict(volume))
+        for a, b in zip(expected, drawn, strict=True):
+            for key in ("image", "label"):
+                assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (seed, key)
