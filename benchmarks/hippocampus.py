@@ -15,6 +15,10 @@ Recipes, each given ``--minutes`` of training:
   auto`` mirrors a one-window scan).
 - ``monai``: a plain MONAI 3D UNet (16-128 channels), Dice+CE, Adam, flips and a light affine on whole volumes
   padded to 48x64x48, per-case z-score.
+
+``--score-checkpoints A/model.pt B/model.pt ...`` trains nothing: it scores the listed checkpoints (one network each,
+or their own fold ensembles) averaged as one ensemble (recipe ``checkpoints``), on the same held-out cases. With the
+``model_final.pt`` of several seeds' runs it says what averaging models buys over a single run.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from medseg.device import select_device, split_cores, usable_cores
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
 from medseg.infer.run import predict
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv, write_volume
-from medseg.models import load_checkpoint, load_model, load_state, save_checkpoint
+from medseg.models import Ensemble, load_checkpoint, load_model, load_state, save_checkpoint
 from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
 from medseg.resample.functional import preprocess
 from medseg.train.loop import fit
@@ -185,6 +189,25 @@ def final_weights(checkpoint: Path) -> Path:
     return save_checkpoint(checkpoint.parent / "model_final.pt", best.config, [member], best.plan, best.contract)
 
 
+def checkpoint_ensemble(paths: list[Path], device: torch.device) -> tuple[torch.nn.Module, Config]:
+    """The networks of ``paths`` (every member of each) averaged as one :class:`Ensemble`, and the first's config.
+
+    Raises:
+        SystemExit: the checkpoints were trained with different preprocessing or patch (their probabilities would
+            not be comparable).
+    """
+    loaded = [load_checkpoint(p, device) for p in paths]
+    first = loaded[0].config
+    for path, c in zip(paths, loaded, strict=True):
+        if c.config.resample != first.resample or c.config.train.patch_size_vox != first.train.patch_size_vox:
+            raise SystemExit(f"{path}: trained with another resampling or patch than {paths[0]}: not averaged")
+    nets = []
+    for c in loaded:
+        model = c.network(device)
+        nets.extend(model.members if isinstance(model, Ensemble) else [model])
+    return (nets[0] if len(nets) == 1 else Ensemble(nets).to(device).eval()), first
+
+
 def train_monai(train: list[dict], workdir: Path, minutes: float) -> torch.nn.Module:
     """The plain MONAI recipe: whole volumes padded to 48x64x48, UNet 16-128, Dice+CE, Adam, light augmentation."""
     from monai.data import DataLoader, Dataset
@@ -326,6 +349,14 @@ def main() -> None:
     parser.add_argument(
         "--crf", action="store_true", help="also score the medseg model with postprocess.crf on (recipe medseg+crf)"
     )
+    parser.add_argument(
+        "--score-checkpoints",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="MODEL",
+        help="train nothing: score these checkpoints averaged as one ensemble (recipe checkpoints)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3"):
@@ -353,8 +384,13 @@ def main() -> None:
         "overrides": args.set,
         "val_cases": args.val_cases,
     }
-    recipes = args.recipes.split(",")
+    recipes = args.recipes.split(",") if args.score_checkpoints is None else ["checkpoints"]
     helper = None
+    if args.score_checkpoints:
+        device = select_device("auto")
+        model, trained = checkpoint_ensemble(args.score_checkpoints, device)
+        summaries["checkpoint_paths"] = [str(p) for p in args.score_checkpoints]
+        rows += score("checkpoints", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)
     if args.parallel and "monai" in recipes and "medseg" in recipes:
         # the MONAI recipe in a child process with its own folder; its rows are merged below
         side = args.workdir / "monai_side"

@@ -97,3 +97,29 @@ def test_a_checkpoint_round_trips_and_an_ensemble_averages_probabilities(tmp_pat
     with torch.no_grad():
         expected = (torch.softmax(nets[0](x), 1) + torch.softmax(nets[1](x), 1)) / 2
         assert torch.allclose(torch.softmax(ensemble(x), 1), expected, atol=1e-5)
+
+
+def test_the_benchmark_averages_checkpoints_as_one_ensemble_and_refuses_mismatched_ones(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "hippocampus_bench", Path(__file__).parents[1] / "benchmarks" / "hippocampus.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = _config()
+    torch.manual_seed(0)
+    nets = [build_network(config.train, config.num_classes).eval() for _ in range(3)]
+    one = [{"state_dict": nets[0].state_dict(), "fold": None, "epoch": 1, "val_dice": 0.5}]
+    folds = [{"state_dict": n.state_dict(), "fold": k, "epoch": 1, "val_dice": 0.5} for k, n in enumerate(nets[1:])]
+    paths = [save_checkpoint(tmp_path / "a.pt", config, one), save_checkpoint(tmp_path / "b.pt", config, folds)]
+    model, trained = bench.checkpoint_ensemble(paths, torch.device("cpu"))
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and trained.train == config.train
+    x = torch.randn(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        expected = sum(torch.softmax(n(x), 1) for n in nets) / 3
+        assert torch.allclose(torch.softmax(model(x), 1), expected, atol=1e-5)
+    other = config.model_copy(update={"train": config.train.model_copy(update={"patch_size_vox": (16, 16, 16)})})
+    odd = save_checkpoint(tmp_path / "odd.pt", other, one)
+    with pytest.raises(SystemExit, match=r"odd\.pt"):
+        bench.checkpoint_ensemble([paths[0], odd], torch.device("cpu"))
