@@ -193,14 +193,15 @@ def checkpoint_ensemble(paths: list[Path], device: torch.device) -> tuple[torch.
     """The networks of ``paths`` (every member of each) averaged as one :class:`Ensemble`, and the first's config.
 
     Raises:
-        SystemExit: the checkpoints were trained with different preprocessing or patch (their probabilities would
-            not be comparable).
+        SystemExit: the checkpoints were trained with different preprocessing, patch or classes (their
+            probabilities would not be comparable).
     """
     loaded = [load_checkpoint(p, device) for p in paths]
     first = loaded[0].config
     for path, c in zip(paths, loaded, strict=True):
-        if c.config.resample != first.resample or c.config.train.patch_size_vox != first.train.patch_size_vox:
-            raise SystemExit(f"{path}: trained with another resampling or patch than {paths[0]}: not averaged")
+        same = (c.config.resample, c.config.train.patch_size_vox, c.config.classes)
+        if same != (first.resample, first.train.patch_size_vox, first.classes):
+            raise SystemExit(f"{path}: trained with another resampling, patch or classes than {paths[0]}: not averaged")
     nets = []
     for c in loaded:
         model = c.network(device)

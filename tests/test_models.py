@@ -119,7 +119,8 @@ def test_the_benchmark_averages_checkpoints_as_one_ensemble_and_refuses_mismatch
     with torch.no_grad():
         expected = sum(torch.softmax(n(x), 1) for n in nets) / 3
         assert torch.allclose(torch.softmax(model(x), 1), expected, atol=1e-5)
-    other = config.model_copy(update={"train": config.train.model_copy(update={"patch_size_vox": (16, 16, 16)})})
-    odd = save_checkpoint(tmp_path / "odd.pt", other, one)
-    with pytest.raises(SystemExit, match=r"odd\.pt"):
-        bench.checkpoint_ensemble([paths[0], odd], torch.device("cpu"))
+    other_patch = config.model_copy(update={"train": config.train.model_copy(update={"patch_size_vox": (16, 16, 16)})})
+    for other in (other_patch, config.model_copy(update={"classes": ["a", "b"]})):
+        odd = save_checkpoint(tmp_path / "odd.pt", other, one)
+        with pytest.raises(SystemExit, match=r"odd\.pt"):
+            bench.checkpoint_ensemble([paths[0], odd], torch.device("cpu"))
