@@ -43,7 +43,7 @@ from medseg.device import select_device, split_cores, usable_cores
 from medseg.evaluate.run import COLUMNS, score_patient, summarise
 from medseg.infer.run import predict
 from medseg.io import read_json, read_tsv, read_volume, write_json, write_tsv, write_volume
-from medseg.models import Ensemble, load_checkpoint, load_model, load_state, save_checkpoint
+from medseg.models import Checkpoint, load_checkpoint, load_model, load_state, save_checkpoint
 from medseg.plan.functional import case_fingerprint, fingerprint, make_plan, resolve_resample, resolve_train
 from medseg.resample.functional import preprocess
 from medseg.train.loop import fit
@@ -190,7 +190,8 @@ def final_weights(checkpoint: Path) -> Path:
 
 
 def checkpoint_ensemble(paths: list[Path], device: torch.device) -> tuple[torch.nn.Module, Config]:
-    """The networks of ``paths`` (every member of each) averaged as one :class:`Ensemble`, and the first's config.
+    """The networks of ``paths`` (every member of each) averaged as one :class:`medseg.models.Ensemble`, and the
+    first's config.
 
     Raises:
         SystemExit: the checkpoints were trained with different preprocessing, patch or classes (their
@@ -202,11 +203,9 @@ def checkpoint_ensemble(paths: list[Path], device: torch.device) -> tuple[torch.
         same = (c.config.resample, c.config.train.patch_size_vox, c.config.classes)
         if same != (first.resample, first.train.patch_size_vox, first.classes):
             raise SystemExit(f"{path}: trained with another resampling, patch or classes than {paths[0]}: not averaged")
-    nets = []
-    for c in loaded:
-        model = c.network(device)
-        nets.extend(model.members if isinstance(model, Ensemble) else [model])
-    return (nets[0] if len(nets) == 1 else Ensemble(nets).to(device).eval()), first
+    # every member of every checkpoint, as `medseg ensemble` bundles folds (without its same-recipe rule: seeds differ)
+    members = [m for c in loaded for m in c.members]
+    return Checkpoint(first, members).network(device), first
 
 
 def train_monai(train: list[dict], workdir: Path, minutes: float) -> torch.nn.Module:
@@ -379,7 +378,7 @@ def main() -> None:
     summaries: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "minutes": args.minutes,
+        "minutes": None if args.score_checkpoints else args.minutes,  # nothing trains when scoring checkpoints
         "n_train": len(train),
         "n_test": len(test),
         "overrides": args.set,
