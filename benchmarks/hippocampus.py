@@ -404,6 +404,8 @@ def main() -> None:
         recipes = ["medseg"]
     if "medseg" in recipes:
         checkpoint = train_medseg(train, args.workdir, args.minutes, args.set, args.val_cases)
+        if (checkpoint.parent / "crf_decision.json").exists():  # postprocess.crf auto: what training decided
+            summaries["crf_decision"] = read_json(checkpoint.parent / "crf_decision.json")
         device = select_device("auto")
         model, trained = load_model(checkpoint, device)
         rows += score("medseg", lambda im: predict(model, trained, im, config, device), test, args.workdir, config)

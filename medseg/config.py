@@ -381,16 +381,26 @@ class ClassPostprocessConfig(_Section):
 
 class CrfConfig(_Section):
     """Mean-field CRF refinement of the probabilities with the image (medseg.postprocess.crf), inside ``infer``
-    before the argmax (the probabilities exist only there)."""
+    before the argmax (the probabilities exist only there).
 
-    enabled: bool = False
+    The defaults are an appearance-only kernel on the 26 neighbours with a sharp intensity term, chosen on the
+    validation cases of four hippocampus models (BENCHMARKS.md, session 14): it moves the network's boundary onto
+    nearby intensity edges (MONAI's UNet has no full-resolution features; its logits are upsampled from half
+    resolution)."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: decided at the end of training on the validation cases by nnU-Net's rule (on only if the "
+        "mean foreground Dice rises and no class's falls), recorded in model.pt and train/crf_decision.json; "
+        "true / false: always / never",
+    )
     iterations: int = Field(5, ge=1)
-    window_vox: int = Field(2, ge=1, le=4, description="neighbours within this many voxels per axis exchange messages")
-    weight: float = Field(2.0, gt=0, description="pairwise strength against the network's log-probabilities")
-    spatial_sigma_mm: float = Field(3.0, gt=0, description="appearance kernel: spatial scale")
-    intensity_sigma: float = Field(0.5, gt=0, description="appearance kernel: intensity scale (normalised units)")
+    window_vox: int = Field(1, ge=1, le=4, description="neighbours within this many voxels per axis exchange messages")
+    weight: float = Field(1.0, gt=0, description="pairwise strength against the network's log-probabilities")
+    spatial_sigma_mm: float = Field(1.5, gt=0, description="appearance kernel: spatial scale")
+    intensity_sigma: float = Field(0.25, gt=0, description="appearance kernel: intensity scale (normalised units)")
     smoothness_sigma_mm: float = Field(1.5, gt=0, description="smoothness kernel: spatial scale")
-    smoothness_share: float = Field(0.3, ge=0, le=1, description="share of the smoothness kernel in the pairwise term")
+    smoothness_share: float = Field(0.0, ge=0, le=1, description="share of the smoothness kernel in the pairwise term")
 
 
 class PostprocessConfig(_Section):

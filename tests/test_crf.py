@@ -1,12 +1,14 @@
-"""The CRF refinement (postprocess.crf): what it keeps, what it changes, and that infer applies it."""
+"""The CRF refinement (postprocess.crf): what it keeps, what it changes, when ``auto`` turns it on, what infer runs."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from medseg.config import CrfConfig
+from medseg.config import Config, CrfConfig, validate_config
+from medseg.infer.run import effective_crf
 from medseg.postprocess.crf import refine
+from medseg.postprocess.decision import decide_crf, pool_crf_decisions
 
 
 def _case() -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,3 +40,44 @@ def test_crf_leaves_probabilities_without_foreground_and_its_input_alone() -> No
     out = refine(probs, torch.randn(8, 8, 8), (1.0, 1.0, 2.0), CrfConfig(enabled=True))
     assert torch.equal(out, copy) and torch.equal(probs, copy)
     assert np.isfinite(out.numpy()).all()
+
+
+def test_auto_switches_the_crf_on_only_where_it_raises_the_validation_dice() -> None:
+    probs, image = _case()
+    cfg = CrfConfig(weight=4.0)  # strong enough to move this case's unsure row (the defaults are gentler)
+    truth = (image > 1).numpy().astype(np.uint8)
+    helps = decide_crf([(probs.numpy(), image.numpy(), truth)], (1.0, 1.0, 1.0), cfg, ["organ"])
+    assert helps["enabled"] is True and helps["n_cases"] == 1
+    assert helps["classes"]["organ"]["dice_with_crf"] > helps["classes"]["organ"]["dice_before"]
+    # the network was right and the image edge misleads: the CRF would lower the Dice, so it stays off
+    network_right = probs.argmax(0).numpy().astype(np.uint8)
+    hurts = decide_crf([(probs.numpy(), image.numpy(), network_right)], (1.0, 1.0, 1.0), cfg, ["organ"])
+    assert hurts["enabled"] is False and hurts["mean_dice_with_crf"] < hurts["mean_dice_before"] == 1.0
+    assert decide_crf([], (1.0, 1.0, 1.0), cfg, ["organ"])["enabled"] is False  # no validation cases: off
+
+
+def test_folds_pool_their_crf_decisions_over_all_their_validation_cases() -> None:
+    def record(n: int, before: tuple[float, float], after: tuple[float, float]) -> dict:
+        names = ("a", "b")
+        classes = {c: {"dice_before": x, "dice_with_crf": y} for c, x, y in zip(names, before, after, strict=True)}
+        return {"n_cases": n, "classes": classes}
+
+    # fold 1 alone would say off (class b down), but weighted by cases class b rises over both folds
+    folds = [record(30, (0.80, 0.80), (0.81, 0.81)), record(10, (0.80, 0.80), (0.81, 0.79))]
+    assert pool_crf_decisions(folds, ["a", "b"]) is True
+    folds = [record(10, (0.80, 0.80), (0.81, 0.81)), record(30, (0.80, 0.80), (0.81, 0.79))]
+    assert pool_crf_decisions(folds, ["a", "b"]) is False
+    assert pool_crf_decisions([{"n_cases": 0}], ["a", "b"]) is False
+
+
+def test_infer_runs_the_crf_the_live_config_names_or_with_auto_the_one_training_decided() -> None:
+    def config(enabled: bool | str) -> Config:
+        return validate_config({"dataset": "x", "classes": ["a"], "postprocess": {"crf": {"enabled": enabled}}}, "t")
+
+    assert config("auto").postprocess.crf.enabled == "auto"  # the default
+    assert CrfConfig().enabled == "auto"
+    assert effective_crf(config("auto"), config(True)).enabled is True
+    assert effective_crf(config("auto"), config(False)).enabled is False
+    assert effective_crf(config("auto"), config("auto")).enabled is False  # a checkpoint without a decision
+    assert effective_crf(config(False), config(True)).enabled is False  # the user's word wins
+    assert effective_crf(config(True), config(False)).enabled is True

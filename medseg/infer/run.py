@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medseg.clicks import Click, guidance, read_clicks, to_grid
-from medseg.config import Config
+from medseg.config import Config, CrfConfig
 from medseg.device import select_device
 from medseg.errors import ConfigError, GeometryError, MedsegError, ModelLoadError
 from medseg.io import read_volume, write_json, write_volume
@@ -27,6 +27,15 @@ from medseg.sliding_window import predict_probabilities, to_original_grid_bounde
 from medseg.volume import Image, Label, describe_grid, same_grid
 
 log = logging.getLogger(__name__)
+
+
+def effective_crf(config: Config, trained: Config) -> CrfConfig:
+    """The CRF that runs: the live config's when it says on or off; with ``auto``, the one the checkpoint records
+    (decided on the validation cases at the end of training; a checkpoint from before that decision: off)."""
+    if config.postprocess.crf.enabled != "auto":
+        return config.postprocess.crf
+    decided = trained.postprocess.crf
+    return decided if decided.enabled is True else decided.model_copy(update={"enabled": False})
 
 
 def predict(
@@ -45,7 +54,7 @@ def predict(
         trained: the config it was trained with (preprocessing, patch size).
         image: the scan ``(1, X, Y, Z)`` on its original grid.
         config: the live config: its ``infer`` section, and ``postprocess.crf`` (CRF refinement of the
-            probabilities before the argmax, when enabled).
+            probabilities before the argmax: on, off, or ``auto``, what training decided; :func:`effective_crf`).
         device: where the windows run.
         clicks: for a click-guided model (``train.clicks``), clicks on the image's grid (:mod:`medseg.clicks`);
             none: its automatic prediction.
@@ -69,12 +78,10 @@ def predict(
         raise ConfigError("this model was not trained with clicks (train.clicks.enabled): it takes no clicks or mask")
     probabilities = predict_probabilities(model, network_input, patch, config.infer, device)
     del network_input
-    if config.postprocess.crf.enabled:
+    crf_cfg = effective_crf(config, trained)
+    if crf_cfg.enabled is True:
         refined = crf.refine(
-            torch.as_tensor(probabilities.array),
-            torch.as_tensor(prepared.array[0]),
-            prepared.spacing,
-            config.postprocess.crf,
+            torch.as_tensor(probabilities.array), torch.as_tensor(prepared.array[0]), prepared.spacing, crf_cfg
         )
         probabilities = Image(refined.numpy(), probabilities.affine)
     del prepared

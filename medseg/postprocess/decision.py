@@ -1,5 +1,6 @@
 """Automatic post-processing: decide per class, from validation predictions and labels, whether keeping only the
-largest connected component helps, and write the decision down.
+largest connected component helps, and whether the CRF refinement of the probabilities helps (``decide_crf``, run
+by the train stage, which holds the validation probabilities), and write the decisions down.
 
 The rule is nnU-Net's: keep-largest is switched on for a class only when, on the validation cases, it raises
 the mean foreground Dice AND no class's mean Dice drops. Each class is tried on top of the configured rules
@@ -19,9 +20,12 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from medseg.config import CrfConfig
 from medseg.metrics import overlap
+from medseg.postprocess import crf
 from medseg.postprocess.functional import ClassRule, apply_rules
 from medseg.volume import Label
 
@@ -31,6 +35,10 @@ RULE = (
     "keep the largest connected component of a class only if, on the validation cases, it raises the mean "
     "foreground Dice and lowers no class's mean Dice (nnU-Net's rule); Dice of a case where a class is empty in "
     "both prediction and label is left out"
+)
+CRF_RULE = (
+    "refine the probabilities with the CRF only if, on the validation cases, it raises the mean foreground Dice and "
+    "lowers no class's mean Dice (nnU-Net's rule for its post-processing)"
 )
 TOLERANCE = 1e-9  # float noise in means is not a change
 
@@ -70,6 +78,11 @@ def _means(dice: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for an all-NaN class
         return np.nanmean(dice, axis=0)
+
+
+def _num(x: float) -> float | None:
+    """A mean for JSON: None for NaN."""
+    return None if np.isnan(x) else float(x)
 
 
 def _accepts(before: np.ndarray, after: np.ndarray) -> bool:
@@ -131,9 +144,6 @@ def decide_keep_largest(
         chosen = chosen[:-1]
     after = combined if chosen else before
 
-    def _num(x: float) -> float | None:
-        return None if np.isnan(x) else float(x)
-
     return {
         "rule": RULE,
         "n_cases": len(ids),
@@ -149,3 +159,71 @@ def decide_keep_largest(
         "mean_dice_before": _num(np.nanmean(before)) if np.isfinite(before).any() else None,
         "mean_dice_after": _num(np.nanmean(after)) if np.isfinite(after).any() else None,
     }
+
+
+def decide_crf(
+    cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    spacing_mm: Sequence[float],
+    cfg: CrfConfig,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """Decide ``postprocess.crf: auto`` on validation cases: the CRF is switched on only where it passes
+    nnU-Net's rule (mean foreground Dice up, no class's mean Dice down).
+
+    Args:
+        cases: ``(probabilities (C, X, Y, Z), normalised image (X, Y, Z), label (X, Y, Z))`` on the network's grid,
+            one case at a time.
+        spacing_mm: that grid's voxel size.
+        cfg: the CRF's settings (``enabled`` is ignored: they are tried).
+        class_names: names of classes 1..N.
+
+    Returns:
+        The decision, JSON-able: ``enabled``, the mean Dice per class without and with the CRF, the means over the
+        classes, the rule, the case count and the settings tried.
+    """
+    n = len(class_names)
+    trial = cfg.model_copy(update={"enabled": True})
+    without, with_crf = [], []
+    for probabilities, image, label in cases:
+        refined = crf.refine(torch.as_tensor(probabilities), torch.as_tensor(image), spacing_mm, trial).numpy()
+        without.append(dice_per_class(probabilities.argmax(0), label, n))
+        with_crf.append(dice_per_class(refined.argmax(0), label, n))
+    settings = trial.model_dump(mode="json", exclude={"enabled"})
+    if not without:
+        return {"rule": CRF_RULE, "n_cases": 0, "enabled": False, "settings": settings, "note": "no validation cases"}
+    before, after = _means(np.stack(without)), _means(np.stack(with_crf))
+
+    return {
+        "rule": CRF_RULE,
+        "n_cases": len(without),
+        "enabled": _accepts(before, after),
+        "classes": {
+            name: {"dice_before": _num(b), "dice_with_crf": _num(a)}
+            for name, b, a in zip(class_names, before, after, strict=True)
+        },
+        "mean_dice_before": _num(np.nanmean(before)) if np.isfinite(before).any() else None,
+        "mean_dice_with_crf": _num(np.nanmean(after)) if np.isfinite(after).any() else None,
+        "settings": settings,
+    }
+
+
+def pool_crf_decisions(decisions: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> bool:
+    """An ensemble's CRF from its folds' :func:`decide_crf` records: nnU-Net's rule on the class means pooled over
+    every fold's validation cases (each fold's means weighted by its case count), as nnU-Net decides its
+    post-processing on all folds' validation predictions together."""
+    usable = [d for d in decisions if d.get("n_cases")]
+    if not usable:
+        return False
+
+    def pooled(key: str) -> np.ndarray:
+        means = np.array([[_nan(d["classes"][name][key]) for name in class_names] for d in usable])
+        weights = np.array([d["n_cases"] for d in usable], dtype=float)[:, None] * ~np.isnan(means)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class without any defined case: NaN
+            return np.nansum(means * weights, axis=0) / weights.sum(axis=0)
+
+    return _accepts(pooled("dice_before"), pooled("dice_with_crf"))
+
+
+def _nan(x: float | None) -> float:
+    return np.nan if x is None else float(x)

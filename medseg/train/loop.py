@@ -28,14 +28,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medseg import tracking
 from medseg.clicks import ClickSimulator, extra_channels
-from medseg.config import Config, Recipe, TrainConfig, recipe_of
+from medseg.config import Config, InferConfig, Recipe, TrainConfig, recipe_of
 from medseg.device import ThreadTuner
 from medseg.distributed import SINGLE, Ranks
 from medseg.errors import MedsegError
-from medseg.io import atomic_path, write_json, write_text, write_tsv
+from medseg.io import atomic_path, read_json, write_json, write_text, write_tsv
 from medseg.models import load_checkpoint, load_state, save_checkpoint
 from medseg.networks import build_network
 from medseg.plan.functional import UNBOUNDED_EPOCHS
+from medseg.postprocess.decision import decide_crf
 from medseg.sliding_window import predict_probabilities
 from medseg.train.data import BatchLoader
 from medseg.train.losses import build_loss
@@ -180,18 +181,12 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
     Raises:
         ConfigError: the config's train section is not resolved by a plan.
     """
-    patch = recipe_of(config.train).patch_size_vox
     # compute_dice per case, not DiceMetric: its aggregate all-gathers over DDP ranks, and only rank 0 validates
     scores = []
     n = config.num_classes
     infer = config.infer.model_copy(update={"mirror": False})  # as nnU-Net: no test-time mirroring in training
-    extra = extra_channels(config.train, n)  # a click-guided model is validated as it predicts without clicks
     for item in items:
-        image = np.asarray(item["image"], np.float32)
-        if extra:
-            image = np.concatenate([image, np.zeros((extra, *image.shape[1:]), np.float32)])
-        probs = predict_probabilities(model, Image(image, np.eye(4)), patch, infer, device)
-        pred = torch.as_tensor(probs.array.argmax(0))
+        pred = torch.as_tensor(probabilities(model, item, config, device, infer).argmax(0))
         onehot_pred = torch.nn.functional.one_hot(pred.long(), n).movedim(-1, 0)[None]
         true = torch.as_tensor(np.asarray(item["label"][0])).long().clamp(0, n - 1)
         onehot_true = torch.nn.functional.one_hot(true, n).movedim(-1, 0)[None]
@@ -200,6 +195,26 @@ def validate(model: torch.nn.Module, items: list[dict[str, Any]], config: Config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a class empty in every case: NaN, as DiceMetric gives
         return np.nanmean(np.stack(scores), axis=0)
+
+
+def probabilities(
+    model: torch.nn.Module, item: dict[str, Any], config: Config, device: torch.device, infer: InferConfig
+) -> np.ndarray:
+    """Softmax ``(C, X, Y, Z)`` of one preprocessed volume by sliding windows (a click-guided model is given empty
+    guidance channels: it is judged as it predicts without clicks)."""
+    image = np.asarray(item["image"], np.float32)
+    extra = extra_channels(config.train, config.num_classes)
+    if extra:
+        image = np.concatenate([image, np.zeros((extra, *image.shape[1:]), np.float32)])
+    spacing = config.resample.target_spacing_mm or (1.0, 1.0, 1.0)
+    grid = Image(image, np.diag([*spacing, 1.0]))
+    return predict_probabilities(model, grid, recipe_of(config.train).patch_size_vox, infer, device).array
+
+
+def with_crf_decided(config: Config, enabled: bool) -> Config:
+    """``config`` with ``postprocess.crf.enabled`` set to a decision (a checkpoint never records ``auto``)."""
+    decided = config.postprocess.crf.model_copy(update={"enabled": enabled})
+    return config.model_copy(update={"postprocess": config.postprocess.model_copy(update={"crf": decided})})
 
 
 @dataclass
@@ -394,6 +409,9 @@ class Trainer:
         ranks: Ranks = SINGLE,
     ) -> None:
         self.config, self.cfg = config, recipe_of(config.train)
+        # what model.pt records: postprocess.crf auto stays off until finish() decides it on the validation cases
+        crf_auto = config.postprocess.crf.enabled == "auto"
+        self.saved_config = with_crf_decided(config, False) if crf_auto else config
         self.val_items, self.output_dir, self.device = val_items, output_dir, device
         self.identity, self.info, self.ranks = identity, info, ranks
         configure_torch(self.cfg, device)
@@ -519,7 +537,7 @@ class Trainer:
         if not self.ranks.main:
             return
         if not self.val_items:
-            _save_model(path, model, self.config, self.info, epoch, float("nan"))
+            _save_model(path, model, self.saved_config, self.info, epoch, float("nan"))
             return
         if epoch % self.cfg.val_every_epochs != 0 and not last_epoch:
             return
@@ -533,7 +551,7 @@ class Trainer:
         else:
             progress.stale += 1
         if improved or self.keep_final:
-            _save_model(path, model, self.config, self.info, epoch, row["val_dice_mean"])
+            _save_model(path, model, self.saved_config, self.info, epoch, row["val_dice_mean"])
 
     def epoch(self, epoch: int) -> None:
         """Train, validate, save, log and checkpoint one epoch; decide whether the run is finished."""
@@ -592,11 +610,51 @@ class Trainer:
         write_tsv(out / "history.tsv", history, columns)
         tracking.set_tags({"stopped_by": self.stopped})
         own = [(out / "model.pt", "train"), (out / "config.yaml", "train"), (out / "history.tsv", "train")]
+        # a click-guided model is not tried: its output must follow the clicks, so auto stays off (saved_config)
+        if self.config.postprocess.crf.enabled == "auto" and not self.cfg.clicks.enabled:
+            self.decide_crf()
+            own.append((out / "crf_decision.json", "train"))
         for path, folder in [*own, *artifacts]:
             tracking.log_artifact(path, folder)
         if self.cfg.log_model:
             channels = 1 + extra_channels(self.cfg, self.config.num_classes)
             _log_mlflow_model(out / "model.pt", self.cfg.patch_size_vox, channels)
+
+    def decide_crf(self) -> None:
+        """``postprocess.crf: auto``: the CRF is tried on the validation cases' probabilities from the kept weights,
+        predicted as ``infer`` predicts (test-time mirroring included), and ``model.pt`` records whether it is on
+        (``crf_decision.json`` and the MLflow run say why). Without validation cases it stays off."""
+        path, record = self.output_dir / "model.pt", self.output_dir / "crf_decision.json"
+        checkpoint = load_checkpoint(path)
+        epoch = checkpoint.members[0].get("epoch")
+        if record.exists():  # a finished run started again: decided already for these weights (model.pt unchanged)
+            earlier, recorded = read_json(record), checkpoint.config.postprocess.crf.enabled
+            if earlier.get("model_epoch") == epoch and earlier.get("enabled") == recorded:
+                return
+        model = checkpoint.network(self.device)
+        spacing = self.config.resample.target_spacing_mm or (1.0, 1.0, 1.0)
+
+        def cases() -> Any:
+            for item in self.val_items:
+                probs = probabilities(model, item, self.config, self.device, self.config.infer)
+                yield probs, np.asarray(item["image"][0], np.float32), np.asarray(item["label"][0])
+
+        decision = decide_crf(cases(), spacing, self.config.postprocess.crf, self.config.classes)
+        decision["model_epoch"] = epoch
+        write_json(record, decision)
+        decided = with_crf_decided(checkpoint.config, decision["enabled"])
+        save_checkpoint(path, decided, checkpoint.members, plan=checkpoint.plan, contract=checkpoint.contract)
+        tracking.set_tags({"postprocess_crf": "on" if decision["enabled"] else "off"})
+        if decision.get("mean_dice_before") is not None:
+            before, after = decision["mean_dice_before"], decision["mean_dice_with_crf"]
+            tracking.log_metrics({"crf_val_dice_before": before, "crf_val_dice_with": after})
+        log.info(
+            "postprocess.crf auto: %s on %d validation cases (mean Dice %s without, %s with)",
+            "on" if decision["enabled"] else "off",
+            decision["n_cases"],
+            decision.get("mean_dice_before"),
+            decision.get("mean_dice_with_crf"),
+        )
 
 
 def _log_mlflow_model(checkpoint: Path, patch_size_vox: tuple[int, int, int], channels: int = 1) -> None:

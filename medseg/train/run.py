@@ -25,8 +25,9 @@ from medseg.manifest import Entry, manifest_digest, read_manifest, select
 from medseg.models import load_checkpoint, save_checkpoint
 from medseg.plan.run import Plan, load_plan, training_pool
 from medseg.plan.run import run as plan_stage
+from medseg.postprocess.decision import pool_crf_decisions
 from medseg.resample.run import output_paths
-from medseg.train.loop import ModelInfo, fit
+from medseg.train.loop import ModelInfo, fit, with_crf_decided
 from medseg.volume import Image, Label
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,23 @@ def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
     """
     checkpoints = [load_checkpoint(d / "model.pt") for d in fold_dirs]
     first = checkpoints[0]
-    base = first.config.model_copy(update={"train": first.config.train.model_copy(update={"fold": 0})})
+
+    def recipe(c: Config) -> Config:  # what must agree: all but the fold and each fold's own CRF decision
+        return with_crf_decided(c.model_copy(update={"train": c.train.model_copy(update={"fold": 0})}), False)
+
+    base = recipe(first.config)
     for c in checkpoints[1:]:
-        other = c.config.model_copy(update={"train": c.config.train.model_copy(update={"fold": 0})})
-        if other.digest() != base.digest():
+        if recipe(c.config).digest() != base.digest():
             raise ConfigError("the folds' models were trained with different configs: retrain them from one plan")
+    records = [d / "crf_decision.json" for d in fold_dirs]
+    if all(r.exists() for r in records):  # postprocess.crf auto: decided on every fold's validation cases together
+        crf_on = pool_crf_decisions([read_json(r) for r in records], first.config.classes)
+    else:  # folds trained with the CRF set on or off, or before the auto decision existed
+        crf_on = all(c.config.postprocess.crf.enabled is True for c in checkpoints)
     members = [m for c in checkpoints for m in c.members]
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = save_checkpoint(output_dir / "model.pt", first.config, members, plan=first.plan, contract=first.contract)
+    bundled = with_crf_decided(first.config, crf_on)
+    path = save_checkpoint(output_dir / "model.pt", bundled, members, plan=first.plan, contract=first.contract)
     rows = []
     for fold, d in enumerate(fold_dirs):
         rows += [{"fold": fold, **r} for r in read_tsv(d / "history.tsv")]

@@ -61,7 +61,12 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     assert tags["config_digest"] == config.digest() and len(tags["manifest_sha256"]) >= 12
     assert tags["git_commit"] and tags["stopped_by"] == "epochs"
     artifacts = {f.path for f in client.list_artifacts(summary["run_id"], "train")}
-    assert {"train/model.pt", "train/history.tsv"} <= artifacts
+    assert {"train/model.pt", "train/history.tsv", "train/crf_decision.json"} <= artifacts
+    # postprocess.crf auto: tried on the validation patients' probabilities; model.pt records on or off, never auto
+    decision = read_json(out / "crf_decision.json")
+    assert decision["n_cases"] == 1 and isinstance(decision["enabled"], bool) and decision["model_epoch"] == 2
+    assert checkpoint.config.postprocess.crf.enabled is decision["enabled"]
+    assert tags["postprocess_crf"] == ("on" if decision["enabled"] else "off") and "crf_val_dice_with" in metrics
     assert {f.path for f in client.list_artifacts(summary["run_id"], "plan")} == {"plan/plan.json"}
     logged = client.search_logged_models(experiment_ids=[mlrun.info.experiment_id])
     assert logged and logged[0].source_run_id == summary["run_id"]  # the MLflow pytorch model
@@ -73,6 +78,7 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     assert client.get_run(summary["run_id"]).inputs.dataset_inputs[0].dataset.name == "tiny-manifest"
     run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)  # finished: nothing new registered
     assert len(client.search_model_versions(query)) == 1
+    assert file_sha256(out / "model.pt") == versions[0].tags["model_sha256"]  # the CRF decision is not redone
 
 
 def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, make_config: Callable) -> None:
