@@ -14,12 +14,15 @@ Both methods get the same loaded image and model and share medseg's preprocessin
   ``SpatialResample``, linear) and the argmax taken.
 - ``medseg``: ``medseg.infer.run.predict`` with the default ``infer`` config (50% overlap, Gaussian blending,
   windows batched to the device, constant windows reused, slabbed resample back with a running argmax).
+- ``medseg-crf`` (only when named in ``--methods``): the same with ``postprocess.crf.enabled: true`` (its default
+  settings): what the CRF refinement adds to a CT-sized prediction when training's ``auto`` decision turns it on.
 
 Each method runs in a fresh subprocess, so its peak resident memory (``getrusage`` maxrss, which sees torch's
 allocations, unlike tracemalloc) is its own. Reported: seconds from loaded image to label, the process's peak
 RSS, and the peak above the RSS it had just before predicting (image and model loaded).
 
     .venv/bin/python benchmarks/infer.py [--slices 300] [--iterations 150] [--repeats 2] [--methods monai medseg]
+    .venv/bin/python benchmarks/infer.py --methods medseg medseg-crf      # the CRF's cost
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ def child(method: str, workdir: Path) -> None:
 
     def run(scan: Image) -> np.ndarray:
         with torch.no_grad():
-            if method == "medseg":
-                return predict(model, trained, scan, Config(), device).array[0]
+            if method in ("medseg", "medseg-crf"):
+                live = Config(postprocess={"crf": {"enabled": method == "medseg-crf"}})
+                return predict(model, trained, scan, live, device).array[0]
             prepared = preprocess(scan, trained.resample)
             x = torch.as_tensor(prepared.array[None])
             logits = sliding_window_inference(x, PATCH, 1, model)  # MONAI's defaults
@@ -181,7 +185,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--methods", nargs="+", default=["monai", "medseg"])
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; medians are reported")
-    parser.add_argument("--child", choices=["monai", "medseg"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["monai", "medseg", "medseg-crf"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,7 +223,7 @@ def main() -> None:
         print(f"medians of {args.repeats} run(s) per method")
         for method, r in results.items():
             print(
-                f"{method:7s} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:7.0f} MB "
+                f"{method:10s} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:7.0f} MB "
                 f"(+{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} MB over {r['baseline_rss_mb']:.0f} MB loaded)   "
                 f"Dice to truth {r['dice']}"
             )
@@ -232,6 +236,9 @@ def main() -> None:
                 f"{(s['peak_rss_mb'] - s['baseline_rss_mb']) / (m['peak_rss_mb'] - m['baseline_rss_mb']):.2f}); "
                 f"Dice medseg vs monai labels {[round(float(dice(a, b, c)), 4) for c in (1, 2)]}"
             )
+        if {"medseg", "medseg-crf"} <= set(results):
+            s, c = results["medseg"], results["medseg-crf"]
+            print(f"the CRF: {c['seconds'] / s['seconds']:.2f}x medseg's seconds, peak RSS {c['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
