@@ -19,6 +19,7 @@ from medseg.demo_data.dicom import Identity, write_dx_image
 from medseg.demo_data.xray import radiograph
 from medseg.io import read_json, read_tsv, read_volume
 from medseg.manifest import read_manifest
+from medseg.postprocess.decision import pool_crf_decisions
 from medseg.tracking import client
 from medseg.volume import Image, Label
 from medseg.workflow import Workflow
@@ -178,6 +179,12 @@ def test_two_fold_workflow_ensembles_both_folds(repo: Path, tmp_path: Path, monk
     assert sorted(r.data.tags.get("fold", "ensemble") for r in runs) == ["0", "1", "ensemble"]
     ensemble_run = next(r for r in runs if "fold" not in r.data.tags)
     assert "test_dice_organ_a" in ensemble_run.data.metrics  # evaluate logs into the ensemble's run
+    # postprocess.crf auto: each fold decided on its validation patients; the ensemble on all of them pooled
+    fold_decisions = [read_json(wf.fold_dir(k) / "crf_decision.json") for k in (0, 1)]
+    crf_on = pool_crf_decisions(fold_decisions, config.classes)
+    assert ensemble.config.postprocess.crf.enabled is crf_on
+    assert ensemble_run.data.tags["postprocess_crf"] == ("on" if crf_on else "off")
+    assert ensemble_run.data.params["postprocess.crf.enabled"] == str(crf_on)
 
 
 def test_tiny_2d_radiograph_workflow_end_to_end(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

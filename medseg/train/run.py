@@ -222,8 +222,14 @@ def ensemble(config: Config, fold_dirs: list[Path], output_dir: Path) -> Path:
     write_tsv(output_dir / "history.tsv", rows, columns)
     fold_runs = [read_json(d / "run.json")["run_id"] for d in fold_dirs]
     with tracking.run(config.tracking, run_name=f"{config.dataset}-{base.digest()}-ensemble") as run_id:
-        tracking.log_params({**base.to_dict(), "ensemble_folds": len(fold_dirs)})
-        tracking.set_tags({"fold_runs": ",".join(fold_runs), "git_commit": tracking.git_commit()})
+        tracking.log_params({**with_crf_decided(base, crf_on).to_dict(), "ensemble_folds": len(fold_dirs)})
+        tracking.set_tags(
+            {
+                "fold_runs": ",".join(fold_runs),
+                "git_commit": tracking.git_commit(),
+                "postprocess_crf": "on" if crf_on else "off",
+            }
+        )
         tracking.log_metrics(
             {f"fold{m['fold']}_val_dice": float(m["val_dice"]) for m in members if m.get("fold") is not None}, 0
         )
