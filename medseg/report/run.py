@@ -211,14 +211,30 @@ function sortTable(id, column) {
 """
 
 
+def _crf_line(config: Config, decision: Mapping[str, Any] | None) -> str:
+    """Whether the predictions were refined by the CRF, and why (``postprocess.crf``)."""
+    enabled = config.postprocess.crf.enabled
+    if enabled != "auto":
+        return f"CRF refinement: {'on' if enabled else 'off'} (postprocess.crf.enabled: {str(enabled).lower()})"
+    if not decision:
+        return "CRF refinement: auto, as the model records (no decision file beside the training history)"
+    before, after = decision.get("mean_dice_before"), decision.get("mean_dice_with_crf")
+    scores = f": validation mean Dice {before:.4f} without, {after:.4f} with" if None not in (before, after) else ""
+    return (
+        f"CRF refinement: {'on' if decision.get('enabled') else 'off'}, decided by training on "
+        f"{decision.get('n_cases', 0)} validation case(s){scores}"
+    )
+
+
 def build_html(
     config: Config,
     rows: Sequence[Mapping[str, str]],
     history: Sequence[Mapping[str, float]],
     qc_html: str,
     summary: Mapping[str, Any] | None = None,
+    crf_decision: Mapping[str, Any] | None = None,
 ) -> str:
-    """The page as one string (see the module docstring)."""
+    """The page as one string (see the module docstring); ``crf_decision``: training's ``crf_decision.json``."""
     classes = [c for c in config.classes if any(r.get("class") == c for r in rows)] or list(config.classes)
     numeric = numeric_columns(rows)
     plotted = [
@@ -232,6 +248,7 @@ def build_html(
     sections.append("<h2>Summary per class</h2>" + _summary_table(rows, classes, plotted))
     if summary and summary.get("empty_convention"):
         sections.append(f'<p class="meta">Empty masks: {html.escape(str(summary["empty_convention"]))}</p>')
+    sections.append(f'<p class="meta">{html.escape(_crf_line(config, crf_decision))}</p>')
     if plotted and rows:
         values = {m: {c: [_float(r.get(m)) for r in rows if r.get("class") == c] for c in classes} for m in plotted}
         sections.append(
@@ -294,7 +311,9 @@ def run(
     summary = read_json(summary_path) if summary_path.exists() else None
     worst = worst_patients(rows, config.report.worst_metric, config.report.worst_patients)
     qc_html = _qc_pictures(config, worst, manifest, predictions, config.report.worst_metric)
-    write_text(output, build_html(config, rows, history_rows, qc_html, summary))
+    decision_path = history.parent / "crf_decision.json" if history is not None else None
+    decision = read_json(decision_path) if decision_path is not None and decision_path.exists() else None
+    write_text(output, build_html(config, rows, history_rows, qc_html, summary, decision))
     if run_json is not None and run_json.exists():
         with tracking.run(config.tracking, run_id=read_json(run_json)["run_id"]):
             tracking.log_artifact(output, "report")

@@ -4,6 +4,7 @@ to MLflow. Parsed with the standard library's HTML parser, as a browser-free sta
 from __future__ import annotations
 
 import base64
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def test_report_is_self_contained_with_tables_plots_and_pictures(tmp_path: Path)
     assert any(heading.startswith("Worst patients") for heading in page.headings)
     assert "P2: mean dice 0.2" in out.read_text()
     assert "Training curves" in page.headings and "Configuration" in page.headings
+    # no decision file beside the history: the report says the model's record decides
+    assert "CRF refinement: auto, as the model records" in out.read_text()
+    decision = {"enabled": True, "n_cases": 3, "mean_dice_before": 0.9658, "mean_dice_with_crf": 0.9736}
+    (history.parent / "crf_decision.json").write_text(json.dumps(decision))
+    again = run(config, metrics, tmp_path / "report2.html", history, manifest, predictions)
+    assert "CRF refinement: on, decided by training on 3 validation case(s): validation mean Dice 0.9658 without, " \
+        "0.9736 with" in again.read_text()  # fmt: skip
 
     artifacts = [a.path for a in tracking.client(config.tracking).list_artifacts(run_id, "report")]
     assert artifacts == ["report/report.html"]
@@ -144,6 +152,11 @@ def test_report_without_history_or_images_still_renders(tmp_path: Path) -> None:
     page.feed(out.read_text())
     assert len(page.images) == 1  # the box plots only
     assert "No training history given." in out.read_text()
+    assert "CRF refinement: auto, as the model records" in out.read_text()
+    forced = Config.model_validate({"classes": CLASSES, "postprocess": {"crf": {"enabled": False}}})
+    assert (
+        "CRF refinement: off (postprocess.crf.enabled: false)" in run(forced, metrics, tmp_path / "f.html").read_text()
+    )
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path: Path) -> None:
