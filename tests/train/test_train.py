@@ -76,9 +76,12 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     assert len(versions) == 1 and versions[0].tags["model_sha256"] == file_sha256(out / "model.pt")
     assert versions[0].tags["manifest_sha256"] == tags["manifest_sha256"]
     assert client.get_run(summary["run_id"]).inputs.dataset_inputs[0].dataset.name == "tiny-manifest"
+    written = {name: (out / name).stat().st_mtime_ns for name in ("model.pt", "crf_decision.json")}
     run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], out)  # finished: nothing new registered
     assert len(client.search_model_versions(query)) == 1
-    assert file_sha256(out / "model.pt") == versions[0].tags["model_sha256"]  # the CRF decision is not redone
+    assert file_sha256(out / "model.pt") == versions[0].tags["model_sha256"]
+    # the CRF decision is not redone: neither model.pt nor the decision file is written again
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == written
 
 
 def test_a_2d_configuration_trains_and_evaluates_end_to_end(tiny_dataset: dict, make_config: Callable) -> None:
