@@ -135,6 +135,15 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def fresh_process(script: str, name: str, workdir: Path) -> dict:
+    """Run ``script --child name --workdir workdir`` in a fresh Python process (so that its peak RSS is its own);
+    return the JSON object its last line of output prints."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", name, "--workdir", str(workdir)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def child(method: str, workdir: Path) -> None:
     """One method in a fresh process: load, predict, report JSON on the last stdout line."""
     from monai.inferers import sliding_window_inference
@@ -203,13 +212,7 @@ def main() -> None:
         for round_ in range(args.repeats):  # interleaved, so a busy spell of the shared machine hits both
             for method in args.methods:
                 print(f"round {round_ + 1}: {method} in a fresh process ...", flush=True)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", method, "--workdir", str(workdir)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = fresh_process(__file__, method, workdir)
                 print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
                 runs[method].append(r)
         results = {}

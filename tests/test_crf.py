@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medseg.config import Config, CrfConfig, validate_config
@@ -40,6 +41,26 @@ def test_crf_leaves_probabilities_without_foreground_and_its_input_alone() -> No
     out = refine(probs, torch.randn(8, 8, 8), (1.0, 1.0, 2.0), CrfConfig(enabled=True))
     assert torch.equal(out, copy) and torch.equal(probs, copy)
     assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize(("window", "iterations"), [(1, 5), (2, 3)])
+def test_crf_in_slabs_gives_exactly_the_one_pass_result_in_place_or_not(window: int, iterations: int) -> None:
+    """The memory bound must not change the answer: slabs of 1 plane (less than the context needed), a few, many,
+    and one pass all agree bit for bit, written in place or into a copy."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 30, 20, 16, generator=g) * 2
+    logits[1:, :3] = -20  # no foreground on the first planes: the box starts inside the volume
+    probs = torch.softmax(logits, dim=0)
+    image = torch.randn(30, 20, 16, generator=g)
+    cfg = CrfConfig(enabled=True, window_vox=window, iterations=iterations, smoothness_share=0.3)
+    one_pass = refine(probs, image, (1.0, 0.8, 2.0), cfg, memory_mb=1e6)
+    assert not torch.equal(one_pass, probs)
+    for memory_mb in (1e-9, 1.0, 2.0):
+        copy = probs.clone()
+        assert torch.equal(refine(copy, image, (1.0, 0.8, 2.0), cfg, memory_mb=memory_mb), one_pass)
+        assert torch.equal(copy, probs)  # not in place: the input is left alone
+        assert refine(copy, image, (1.0, 0.8, 2.0), cfg, memory_mb=memory_mb, inplace=True) is copy
+        assert torch.equal(copy, one_pass), memory_mb
 
 
 def test_auto_switches_the_crf_on_only_where_it_raises_the_validation_dice() -> None:

@@ -81,7 +81,11 @@ def predict(
     crf_cfg = effective_crf(config, trained)
     if crf_cfg.enabled is True:
         refined = crf.refine(
-            torch.as_tensor(probabilities.array), torch.as_tensor(prepared.array[0]), prepared.spacing, crf_cfg
+            torch.as_tensor(probabilities.array),
+            torch.as_tensor(prepared.array[0]),
+            prepared.spacing,
+            crf_cfg,
+            inplace=True,  # the unrefined map is not needed again: no second copy of it
         )
         probabilities = Image(refined.numpy(), probabilities.affine)
     del prepared

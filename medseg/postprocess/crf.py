@@ -23,10 +23,17 @@ import torch
 from medseg.config import CrfConfig
 
 FOREGROUND_FLOOR = 0.05  # voxels where every foreground class is below this are left as they are
+MEMORY_MB = 512.0  # refine() works in slabs of about this much memory
 
 
 def refine(
-    probabilities: torch.Tensor, image: torch.Tensor, spacing_mm: Sequence[float], cfg: CrfConfig
+    probabilities: torch.Tensor,
+    image: torch.Tensor,
+    spacing_mm: Sequence[float],
+    cfg: CrfConfig,
+    *,
+    memory_mb: float = MEMORY_MB,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Mean-field CRF refinement.
 
@@ -36,11 +43,20 @@ def refine(
             differences are in standard deviations).
         spacing_mm: the grid's voxel size, for the spatial kernels.
         cfg: the ``postprocess.crf`` section.
+        memory_mb: working memory, about: the foreground's bounding box is refined in slabs of that size.
+        inplace: write into ``probabilities`` instead of a copy (saves one copy of the map at inference).
 
     Returns:
-        Refined probabilities, same shape (a copy; the input is left alone).
+        Refined probabilities, same shape: a copy (the input left alone), or ``probabilities`` itself if
+        ``inplace``.
+
+    The slabs give exactly the result of one pass over the whole box: a voxel after ``iterations`` mean-field
+    steps depends on the input within ``iterations * window_vox`` voxels, so each slab is computed with that many
+    planes of context on either side (the box's own edges replicate as before) and only its core is kept.
+    The working set is about 26 weight maps and a few probability maps over the box (for window 1): 8 GB for a
+    whole 512 x 512 x 300 CT box in one pass; in slabs, ``memory_mb`` (at least one core plane and its context).
     """
-    out = probabilities.clone()
+    out = probabilities if inplace else probabilities.clone()
     foreground = probabilities[1:].amax(dim=0) >= FOREGROUND_FLOOR
     if not bool(foreground.any()):
         return out
@@ -49,10 +65,42 @@ def refine(
         slice(max(int(idx.min()) - 2 * r, 0), min(int(idx.max()) + 2 * r + 1, size))
         for idx, size in zip(torch.nonzero(foreground, as_tuple=True), foreground.shape, strict=True)
     )
-    q = probabilities[(slice(None), *box)].float()
-    intensity = image[box].float()
-    unary = torch.log(q.clamp_min(1e-6))
     offsets = [o for o in itertools.product(range(-r, r + 1), repeat=3) if any(o)]
+    extent = [b.stop - b.start for b in box]
+    axis = int(np.argmax(extent))  # slabs across the longest side: the least context recomputed
+    plane = int(np.prod(extent)) // extent[axis]
+    halo = r * cfg.iterations
+    per_voxel = 4 * (len(offsets) + 6 * probabilities.shape[0] + 6)  # weights; q, unary, message, padded; image
+    core = max(int(memory_mb * 2**20 / (per_voxel * plane)) - 2 * halo, 1)
+
+    def along(lo: int, hi: int) -> tuple[slice, ...]:
+        return (slice(None), *(slice(lo, hi) if a == axis else b for a, b in enumerate(box)))
+
+    start, stop = box[axis].start, box[axis].stop
+    context = None  # the original probabilities of the planes just below the next slab (written over by now)
+    for a in range(start, stop, core):
+        b, hi = min(a + core, stop), min(a + core + halo, stop)
+        lo = a - (0 if context is None else context.shape[axis + 1])
+        q = probabilities[along(a, hi)].float()
+        if context is not None:
+            q = torch.cat([context, q], dim=axis + 1)
+        refined = _mean_field(q, image[along(lo, hi)[1:]].float(), offsets, spacing_mm, cfg)
+        keep = min(halo, b - lo)
+        context = q.narrow(axis + 1, b - keep - lo, keep).clone()
+        out[along(a, b)] = refined.narrow(axis + 1, a - lo, b - a).to(out.dtype)
+    return out
+
+
+def _mean_field(
+    q: torch.Tensor,
+    intensity: torch.Tensor,
+    offsets: list[tuple[int, ...]],
+    spacing_mm: Sequence[float],
+    cfg: CrfConfig,
+) -> torch.Tensor:
+    """The mean-field iterations on one block ``(C, X, Y, Z)``, its edges replicated."""
+    r = cfg.window_vox
+    unary = torch.log(q.clamp_min(1e-6))
     spacing = np.asarray(spacing_mm, dtype=float)
     padded_image = _pad(intensity[None], r)[0]
     weights = []
@@ -64,19 +112,25 @@ def refine(
         )
         smooth = float(np.exp(-d2 / (2 * cfg.smoothness_sigma_mm**2)))
         weights.append((1 - cfg.smoothness_share) * appearance + cfg.smoothness_share * smooth)
+    del padded_image
     # normalised so that a message is a weighted mean of the neighbours' probabilities (0..1) times cfg.weight: the
     # pairwise strength then does not grow with the window
-    total = torch.stack(weights).sum(dim=0).clamp_min(1e-12)
-    weights = [cfg.weight * w / total for w in weights]
+    total = torch.zeros_like(intensity)
+    for w in weights:  # summed in place: stacking them would hold a second copy of all the weights
+        total += w
+    total.clamp_min_(1e-12)
+    for w in weights:
+        w.mul_(cfg.weight).div_(total)
+    del total
     for _ in range(cfg.iterations):
         padded = _pad(q, r)
         message = torch.zeros_like(q)
         for o, w in zip(offsets, weights, strict=True):
             message += w * _shifted(padded, o, r, q.shape[1:])
+        del padded
         # Potts: a label's cost is the weight of the neighbours that disagree, i.e. total weight - message
         q = torch.softmax(unary + message, dim=0)
-    out[(slice(None), *box)] = q.to(out.dtype)
-    return out
+    return q
 
 
 def _pad(x: torch.Tensor, r: int) -> torch.Tensor:
