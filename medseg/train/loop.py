@@ -161,11 +161,12 @@ def memory_format(
     """The channels-last layout of the network and its batches when ``train.channels_last`` says so (null: on a CPU
     when the steps are compiled and run in float32: there inductor's convolutions ran 12-20% faster per step on the
     hippocampus plan, while under bfloat16 autocast (``autocast``) they ran 1.45x slower and eager ones about the
-    same; BENCHMARKS.md); None: torch's default (contiguous) layout."""
+    same; BENCHMARKS.md); None: torch's default (contiguous) layout. Not by default for a job of one thread: there
+    torch 2.13's compiled float32 channels-last steps failed (:meth:`Trainer.forward` falls back when they do)."""
     if cfg.channels_last is not None:
         wanted = cfg.channels_last
     else:
-        wanted = device.type == "cpu" and compiled and autocast is None
+        wanted = device.type == "cpu" and compiled and autocast is None and torch.get_num_threads() > 1
     if not wanted:
         return None
     return torch.channels_last_3d if cfg.spatial_dims == 3 else torch.channels_last
@@ -429,6 +430,7 @@ class Trainer:
         stepped = self.model
         if ranks.active:  # gradients averaged over the ranks; rank 0's initial weights broadcast to all
             stepped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.stepped, self.compiled = stepped, compiled
         self.step_model = torch.compile(stepped) if compiled else stepped  # shares the weights with self.model
         # torch's own EMA (swa_utils): validated and saved in place of the raw weights when train.ema_decay is set
         self.ema = (
@@ -496,7 +498,7 @@ class Trainer:
                 image = image.contiguous(memory_format=self.memory_format)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast:
-                output = self.step_model(image)
+                output = self.forward(image)
             loss = self.loss_fn(_float(output), label)  # the loss in float32, as nnU-Net computes it
             self.scaler.scale(loss).backward()
             if cfg.grad_clip_norm:
@@ -519,6 +521,34 @@ class Trainer:
         values = torch.stack(losses).float().cpu().tolist()
         self.batches_crc32 = f"{crc:08x}"
         return values, samples, time.perf_counter() - start
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The training step's forward pass; a compiled channels-last one that fails is retried in the default layout.
+
+        torch 2.13's inductor expects channels-last outputs from convolutions that oneDNN, in float32 with one
+        thread, returns contiguous (``assert_size_stride`` fails: seen on a 2-core Xeon when the thread tuner tried
+        one thread on a busy machine; two threads ran). Rather than lose the run, the network goes back to torch's
+        default layout, is compiled again (half a minute) and trains on; the layout's 12-20% is the price.
+        """
+        try:
+            return self.step_model(image)
+        except Exception as error:  # torch raises AssertionError here; anything the retry does not cure re-raises
+            if not (self.compiled and self.memory_format is not None):
+                raise
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log.warning(
+                "the compiled channels-last step failed at %d torch thread(s) (%s: %s); continuing in the default "
+                "layout, compiled again",
+                torch.get_num_threads(),
+                type(error).__name__,
+                first[:200],
+            )
+            self.memory_format = None
+            for module in (self.model, None if self.ema is None else self.ema.module):
+                if module is not None:
+                    module.to(memory_format=torch.contiguous_format)
+            self.step_model = torch.compile(self.stepped)
+            return self.step_model(image.contiguous())
 
     @property
     def kept_model(self) -> torch.nn.Module:

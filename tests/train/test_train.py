@@ -319,3 +319,46 @@ def test_channels_last_layout_is_chosen_for_compiled_float32_cpu_steps_and_train
     test = next(e for e in read_manifest(tiny_dataset["manifest"]) if e.split == "test")
     prediction = infer_run(layout, root / "channels_last" / "model.pt", test.image, root / "infer_cl" / "p.nii.gz")
     assert all(0.0 <= r["dice"] <= 1.0 for r in score_patient(layout, test.patient_id, prediction, test.label))
+
+
+def test_a_compiled_channels_last_step_that_fails_goes_on_in_the_default_layout(
+    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch 2.13's inductor fails compiled float32 channels-last steps at one thread on some CPUs (an
+    ``assert_size_stride`` in the generated code; seen when the thread tuner tried one thread on a busy 2-core Xeon).
+    Stand-in: a first "compiled" step that raises as that one did; the run must train on, recompiled, contiguous."""
+    import torch
+
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=2, network="unet")
+    config = config.model_copy(update={"train": config.train.model_copy(update={"channels_last": True, "amp": False})})
+    compiled: list[Callable] = []
+
+    def fake_compile(module: torch.nn.Module) -> Callable:
+        first = not compiled
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            if first:
+                raise AssertionError("expected size 128==128, stride 175==1 at dim=1")
+            assert x.is_contiguous() and all(p.is_contiguous() for p in module.parameters())
+            return module(x)
+
+        compiled.append(step)
+        return step
+
+    monkeypatch.setattr(loop, "compiles", lambda cfg, device: True)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with caplog.at_level("WARNING", logger="medseg.train.loop"):
+        run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "fallback")
+    assert len(compiled) == 2  # compiled once more, after the failure
+    assert "continuing in the default layout" in caplog.text and "stride 175==1" in caplog.text
+    assert len(_history(root / "fallback")) == 2
+    weights = load_checkpoint(root / "fallback" / "model.pt").members[0]["state_dict"].values()
+    assert all(w.is_contiguous() for w in weights)
+    # and the automatic choice does not pick the layout for a job of one thread
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert loop.memory_format(make_config(root, epochs=2).train, torch.device("cpu"), compiled=True) is None
+    finally:
+        torch.set_num_threads(threads)
