@@ -7,10 +7,10 @@ bytes a voxel) grows with it. ``refine`` therefore goes slab by slab, each slab 
 on, within ``memory_mb`` (default ``MEMORY_MB``); the result is the one-pass result exactly (``tests/test_crf.py``).
 
 The map: ``--shape`` voxels, 3 classes, a smooth random foreground over most of the volume (so the box is the whole
-grid), a z-scored image. Each setting runs in a fresh subprocess, so its peak resident memory (``getrusage``
-maxrss) is its own: the one-pass baseline (``memory_mb`` so large that the box is one slab) and the default slabs,
-both written in place as ``infer`` does. Reported: seconds of ``refine``, the process's peak RSS above the RSS
-with the map and image loaded, and whether the two results are equal (compared in the parent).
+grid), a z-scored image. Each setting runs in a fresh subprocess, so its peak resident memory (``VmHWM``) is its
+own: the one-pass baseline (``memory_mb`` so large that the box is one slab) and the default slabs, both written in
+place as ``infer`` does. Reported: seconds of ``refine``, the process's peak RSS above its peak with the map and
+image loaded, and whether the two results are equal (compared in the parent).
 
     .venv/bin/python benchmarks/crf.py [--shape 256 256 200] [--repeats 2]
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infer import fresh_process
+from infer import fresh_process, peak_rss_mb
 
 SETTINGS = {"one pass": 1e12, "slabs (default)": None}
 
@@ -53,12 +52,12 @@ def child(setting: str, workdir: Path) -> None:
 
     probs = torch.from_numpy(np.load(workdir / "probs.npy"))
     image = torch.from_numpy(np.load(workdir / "image.npy"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     memory_mb = SETTINGS[setting] or MEMORY_MB
     start = time.perf_counter()
     refine(probs, image, (1.0, 1.0, 1.0), CrfConfig(enabled=True), memory_mb=memory_mb, inplace=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     np.save(workdir / f"out-{setting.split()[0]}.npy", probs.numpy())
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": before}))
 

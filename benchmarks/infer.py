@@ -17,9 +17,9 @@ Both methods get the same loaded image and model and share medseg's preprocessin
 - ``medseg-crf`` (only when named in ``--methods``): the same with ``postprocess.crf.enabled: true`` (its default
   settings): what the CRF refinement adds to a CT-sized prediction when training's ``auto`` decision turns it on.
 
-Each method runs in a fresh subprocess, so its peak resident memory (``getrusage`` maxrss, which sees torch's
-allocations, unlike tracemalloc) is its own. Reported: seconds from loaded image to label, the process's peak
-RSS, and the peak above the RSS it had just before predicting (image and model loaded).
+Each method runs in a fresh subprocess, so its peak resident memory (``VmHWM``, which sees torch's allocations,
+unlike tracemalloc; see :func:`peak_rss_mb`) is its own. Reported: seconds from loaded image to label, the
+process's peak RSS, and the peak above the RSS it had just before predicting (image and model loaded).
 
     .venv/bin/python benchmarks/infer.py [--slices 300] [--iterations 150] [--repeats 2] [--methods monai medseg]
     .venv/bin/python benchmarks/infer.py --methods medseg medseg-crf      # the CRF's cost
@@ -135,6 +135,15 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: on Linux a child started
+    by ``subprocess`` (vfork + exec) inherits the parent's peak in it (a child of a parent that had peaked at 1.9 GB
+    reported 1934 MB there and 27 MB here), so the benchmarks' children reported their parent's peak wherever it was
+    higher than their own (up to session 15)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+
+
 def fresh_process(script: str, name: str, workdir: Path) -> dict:
     """Run ``script --child name --workdir workdir`` in a fresh Python process (so that its peak RSS is its own);
     return the JSON object its last line of output prints."""
@@ -177,7 +186,7 @@ def child(method: str, workdir: Path) -> None:
     t = time.perf_counter()
     label = run(image)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     np.save(workdir / f"label_{method}.npy", label)
     print(json.dumps({"method": method, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline}))
 

@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py levers [--busy] [--threads 2] [--epochs 5]
     python benchmarks/train_speed.py loader [--worker-counts 0 1 2] [--epochs 5]
     python benchmarks/train_speed.py networks [--threads 2] [--iterations 3] [--device cpu|cuda]
-    python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4]
+    python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4] [--float32]
     python benchmarks/train_speed.py widths [--threads 2] [--iterations 20] [--batch 4]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
@@ -22,7 +22,9 @@ measurement behind the plan's choice of network and width per device. On CUDA th
 
 ``layout``: milliseconds per training step (forward, backward, fused AdamW; batch 4, the hippocampus patch) of the
 compiled UNet 16-128 in the contiguous and the channels-last 3D layout, both in one process, their steps alternated
-(so that a shared machine's drift hits both alike), under the autocast ``medseg train`` would use on this CPU.
+(so that a shared machine's drift hits both alike), under the autocast ``medseg train`` would use on this CPU
+(``--float32``: float32 steps, as a CPU without bf16 trains). ``layout --float32 --threads 1`` fails on the
+session-15 Xeon (torch 2.13 inductor's ``assert_size_stride``), which ``medseg train`` now survives.
 
 ``widths``: the same step time for the plan's CPU UNet (16-128) against wider ones (24-192, 32-256) and a deeper one
 (3 residual units per level), alternated likewise: what a larger network costs in samples per minute.
@@ -311,7 +313,10 @@ def _one_setting(args: argparse.Namespace, flags: list[str], busy: bool) -> dict
 
 
 def alternated_step_ms(
-    nets: dict[str, tuple[torch.nn.Module, torch.memory_format]], batch: int, iterations: int
+    nets: dict[str, tuple[torch.nn.Module, torch.memory_format]],
+    batch: int,
+    iterations: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.dtype, dict[str, float]]:
     """Median milliseconds per compiled training step (forward, backward, fused AdamW; the hippocampus patch) of each
     network in its layout, all in one process with their steps alternated, so that a shared machine's drift hits them
@@ -320,7 +325,8 @@ def alternated_step_ms(
 
     from medseg.train.loop import cpu_has_native_bf16
 
-    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # what `amp: true` trains in on this CPU
+    if dtype is None:  # what `amp: true` trains in on this CPU
+        dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     image, label = torch.randn(batch, 1, 40, 56, 40), torch.randint(0, 3, (batch, 1, 40, 56, 40))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     runs = {}
@@ -349,7 +355,11 @@ def layout(args: argparse.Namespace) -> None:
         "contiguous": (unet([16, 32, 64, 128]), torch.contiguous_format),
         "channels-last 3D": (unet([16, 32, 64, 128]), torch.channels_last_3d),
     }
-    dtype, ms = alternated_step_ms(nets, args.batch or 4, args.iterations)
+    try:
+        dtype, ms = alternated_step_ms(nets, args.batch or 4, args.iterations, torch.float32 if args.float32 else None)
+    except Exception as error:  # torch 2.13: float32 channels-last at one thread fails on some CPUs (BENCHMARKS.md)
+        print(f"{args.threads} thread(s): failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        raise SystemExit(1) from error
     print(f"{dtype}, batch {args.batch or 4}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
     print(f"channels-last speed-up: {ms['contiguous'] / ms['channels-last 3D']:.2f}x")
 
@@ -423,6 +433,7 @@ def main() -> None:
     )
     parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--float32", action="store_true", help="layout: float32 steps even on a bf16 CPU")
     parser.add_argument(
         "--iterations",
         type=int,

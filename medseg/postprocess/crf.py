@@ -43,7 +43,8 @@ def refine(
             differences are in standard deviations).
         spacing_mm: the grid's voxel size, for the spatial kernels.
         cfg: the ``postprocess.crf`` section.
-        memory_mb: working memory, about: the foreground's bounding box is refined in slabs of that size.
+        memory_mb: the foreground's bounding box is refined in slabs whose maps take about this much (the
+            process's peak grew by about twice that in ``benchmarks/crf.py``, whatever the box's size).
         inplace: write into ``probabilities`` instead of a copy (saves one copy of the map at inference).
 
     Returns:
@@ -54,8 +55,8 @@ def refine(
     steps depends on the input within ``iterations * window_vox`` voxels, so each slab is computed with that many
     planes of context on either side (the box's own edges replicate as before) and only its core is kept.
     The working set is about 26 weight maps and a few probability maps over the box (for window 1), some 150-200
-    bytes a voxel: over 11 GB for a whole 512 x 512 x 300 box in one pass; in slabs, about ``memory_mb`` (at least
-    one core plane and its context; ``benchmarks/crf.py``).
+    bytes a voxel: 12.9 GB for a whole 512 x 512 x 300 box in one pass, 1.0 GB in the default slabs (at least one core
+    plane and its context; ``benchmarks/crf.py``).
     """
     out = probabilities if inplace else probabilities.clone()
     foreground = (probabilities[1:] >= FOREGROUND_FLOOR).any(dim=0)
