@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from medseg.models import load_checkpoint
 from medseg.plan.run import run as plan_stage
 from medseg.train import loop
 from medseg.train.run import run, split_entries
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _history(folder: Path) -> list[dict[str, str]]:
@@ -296,16 +309,17 @@ def test_channels_last_layout_is_chosen_for_compiled_float32_cpu_steps_and_train
     config = make_config(root, epochs=2, network="unet")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     recipe = config.train
-    assert loop.memory_format(recipe, cpu, compiled=True) == torch.channels_last_3d
-    assert loop.memory_format(recipe, cpu, compiled=True, autocast=torch.bfloat16) is None  # 1.45x slower there
-    forced = recipe.model_copy(update={"channels_last": True})
-    assert loop.memory_format(forced, cpu, compiled=True, autocast=torch.bfloat16) == torch.channels_last_3d
-    assert loop.memory_format(recipe, cpu, compiled=False) is None
-    assert loop.memory_format(recipe, cuda, compiled=True) is None
-    flat = recipe.model_copy(update={"spatial_dims": 2})
-    assert loop.memory_format(flat, cpu, compiled=True) == torch.channels_last
-    off = recipe.model_copy(update={"channels_last": False})
-    assert loop.memory_format(off, cpu, compiled=True) is None
+    with _torch_threads(2):  # the automatic choice skips one-thread jobs (the next test)
+        assert loop.memory_format(recipe, cpu, compiled=True) == torch.channels_last_3d
+        assert loop.memory_format(recipe, cpu, compiled=True, autocast=torch.bfloat16) is None  # 1.45x slower there
+        forced = recipe.model_copy(update={"channels_last": True})
+        assert loop.memory_format(forced, cpu, compiled=True, autocast=torch.bfloat16) == torch.channels_last_3d
+        assert loop.memory_format(recipe, cpu, compiled=False) is None
+        assert loop.memory_format(recipe, cuda, compiled=True) is None
+        flat = recipe.model_copy(update={"spatial_dims": 2})
+        assert loop.memory_format(flat, cpu, compiled=True) == torch.channels_last
+        off = recipe.model_copy(update={"channels_last": False})
+        assert loop.memory_format(off, cpu, compiled=True) is None
     # forced on in an eager run: the same training (to rounding), a checkpoint any layout loads
     layout = config.model_copy(update={"train": config.train.model_copy(update={"channels_last": True})})
     args = (tiny_dataset["manifest"], tiny_dataset["resample_dir"])
@@ -356,9 +370,5 @@ def test_a_compiled_channels_last_step_that_fails_goes_on_in_the_default_layout(
     weights = load_checkpoint(root / "fallback" / "model.pt").members[0]["state_dict"].values()
     assert all(w.is_contiguous() for w in weights)
     # and the automatic choice does not pick the layout for a job of one thread
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with _torch_threads(1):
         assert loop.memory_format(make_config(root, epochs=2).train, torch.device("cpu"), compiled=True) is None
-    finally:
-        torch.set_num_threads(threads)
