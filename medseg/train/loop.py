@@ -526,9 +526,10 @@ class Trainer:
         """The training step's forward pass; a compiled channels-last one that fails is retried in the default layout.
 
         torch 2.13's inductor expects channels-last outputs from convolutions that oneDNN, in float32 with one
-        thread, returns contiguous (``assert_size_stride`` fails: seen on a 2-core Xeon when the thread tuner tried
-        one thread on a busy machine; two threads ran). Rather than lose the run, the network goes back to torch's
-        default layout, is compiled again (half a minute) and trains on; the layout's 12-20% is the price.
+        thread, returns contiguous (``assert_size_stride`` fails: seen on a 2-core Xeon when the thread tuner probed
+        one thread, which it also does on a busy machine; two threads ran; ``benchmarks/train_speed.py layout
+        --float32 --threads 1``). Rather than lose the run, the network goes back to torch's default layout, is
+        compiled again (half a minute) and trains on; the layout's 12-20% is the price.
         """
         try:
             return self.step_model(image)
