@@ -371,7 +371,10 @@ def main() -> None:
         test = [c for c in cases if c["case"] in HOLDOUT]
     else:
         train, test = cases, msd_cases(args.test_dir, "imagesTs", "labelsTs")
-    log.info("%d training cases, %d test cases, %.1f minutes per recipe", len(train), len(test), args.minutes)
+    if args.score_checkpoints:
+        log.info("%d test cases; scoring %d checkpoint(s), training nothing", len(test), len(args.score_checkpoints))
+    else:
+        log.info("%d training cases, %d test cases, %.1f minutes per recipe", len(train), len(test), args.minutes)
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = validate_config(base_config(args.workdir, args.minutes, args.set), "hippocampus benchmark")
     rows: list[dict] = []
