@@ -4,13 +4,14 @@
 On a hippocampus that box is a few thousand voxels; on a whole-body CT on a fine grid it is the whole scan, and the
 mean-field working set (26 weight maps and a few probability maps for the default 26-neighbour window, about 200
 bytes a voxel) grows with it. ``refine`` therefore goes slab by slab, each slab with the context its voxels depend
-on, within ``memory_mb`` (default ``MEMORY_MB``); the result is the one-pass result exactly (``tests/test_crf.py``).
+on, within ``memory_mb`` (default ``MEMORY_MB``); the result is the one-pass result (``tests/test_crf.py``): bit
+for bit on the default maps, to float rounding where a plane is not a multiple of 16 voxels.
 
 The map: ``--shape`` voxels, 3 classes, a smooth random foreground over most of the volume (so the box is the whole
 grid), a z-scored image. Each setting runs in a fresh subprocess, so its peak resident memory (``VmHWM``) is its
 own: the one-pass baseline (``memory_mb`` so large that the box is one slab) and the default slabs, both written in
 place as ``infer`` does. Reported: seconds of ``refine``, the process's peak RSS above its peak with the map and
-image loaded, and whether the two results are equal (compared in the parent).
+image loaded, and the largest difference between the two results (compared in the parent).
 
     .venv/bin/python benchmarks/crf.py [--shape 256 256 200] [--repeats 2]
 """
@@ -87,7 +88,7 @@ def main() -> None:
                 seconds, peak, before = r["seconds"], r["peak_rss_mb"], r["baseline_rss_mb"]
                 results[setting].append((seconds, peak, before))
                 print(f"  {seconds:.1f} s, peak RSS {peak:.0f} MB (+{peak - before:.0f} MB)", flush=True)
-        equal = np.array_equal(np.load(workdir / "out-one.npy"), np.load(workdir / "out-slabs.npy"))
+        difference = float(np.abs(np.load(workdir / "out-one.npy") - np.load(workdir / "out-slabs.npy")).max())
     voxels = int(np.prod(args.shape))
     print(
         f"\nmap 3 x {' x '.join(map(str, args.shape))} ({voxels / 1e6:.1f} M voxels); {platform.machine()}, 2 threads"
@@ -98,7 +99,7 @@ def main() -> None:
         extra = statistics.median(r[1] - r[2] for r in rows)
         print(f"{setting:16s} {s:6.1f} s   peak RSS +{extra:6.0f} MB over the loaded map")
     one, slabs = (statistics.median(r[0] for r in results[k]) for k in SETTINGS)
-    print(f"slabs: {slabs / one:.2f}x the one pass's seconds; results identical: {equal}")
+    print(f"slabs: {slabs / one:.2f}x the one pass's seconds; largest difference of the results: {difference:.1e}")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,11 @@ def refine(
         Refined probabilities, same shape: a copy (the input left alone), or ``probabilities`` itself if
         ``inplace``.
 
-    The slabs give exactly the result of one pass over the whole box: a voxel after ``iterations`` mean-field
-    steps depends on the input within ``iterations * window_vox`` voxels, so each slab is computed with that many
-    planes of context on either side (the box's own edges replicate as before) and only its core is kept.
+    The slabs give the result of one pass over the whole box: a voxel after ``iterations`` mean-field steps depends
+    on the input within ``iterations * window_vox`` voxels, so each slab is computed with that many planes of
+    context on either side (the box's own edges replicate as before) and only its core is kept. Bit for bit where
+    the slabs' planes keep torch's vectorisation aligned (a plane of a multiple of 16 voxels); otherwise to float
+    rounding (1e-7: a voxel in a vector's scalar tail rounds its exp differently).
     The working set is about 26 weight maps and a few probability maps over the box (for window 1), some 150-200
     bytes a voxel: 12.9 GB for a whole 512 x 512 x 300 box in one pass, 1.0 GB in the default slabs (at least one core
     plane and its context; ``benchmarks/crf.py``).
