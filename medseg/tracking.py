@@ -162,7 +162,9 @@ def download_artifact(
 def log_pytorch_model(model: Any, input_example: Any, output_example: Any, name: str = "model") -> None:
     """Log a torch module as an MLflow pytorch model with its signature and input example.
 
-    Requirements are pinned from the running versions, so MLflow does not spend a minute inferring them.
+    Requirements are pinned from the running versions, so MLflow does not spend a minute inferring them. Saved as
+    ``torch.export``'s ``model.pt2`` (MLflow 3's default, named so that a change of default cannot bring back
+    the pickle, which runs code when it is loaded).
     """
     import mlflow.pytorch
     import monai
@@ -175,6 +177,7 @@ def log_pytorch_model(model: Any, input_example: Any, output_example: Any, name:
         signature=infer_signature(input_example, output_example),
         input_example=input_example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+        serialization_format="pt2",
     )
 
 

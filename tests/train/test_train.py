@@ -83,6 +83,8 @@ def test_training_writes_its_outputs_and_tracks_everything(tiny_dataset: dict, m
     assert {f.path for f in client.list_artifacts(summary["run_id"], "plan")} == {"plan/plan.json"}
     logged = client.search_logged_models(experiment_ids=[mlrun.info.experiment_id])
     assert logged and logged[0].source_run_id == summary["run_id"]  # the MLflow pytorch model
+    files = [f.path for f in client.list_logged_model_artifacts(logged[0].model_id, "data")]
+    assert files == ["data/model.pt2"]  # torch.export's archive, not a pickle that runs code when loaded
     # registered once as a version of medseg-<dataset>, with its checksum; the manifest is the run's dataset input
     query = f"name = 'medseg-tiny' and run_id = '{summary['run_id']}'"
     versions = client.search_model_versions(query)
