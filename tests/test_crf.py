@@ -61,7 +61,8 @@ def test_crf_in_slabs_gives_exactly_the_one_pass_result_in_place_or_not(window: 
         copy = probs.clone()
         assert torch.equal(refine(copy, image, (1.0, 0.8, 2.0), cfg, memory_mb=memory_mb), one_pass)
         assert torch.equal(copy, probs)  # not in place: the input is left alone
-        assert refine(copy, image, (1.0, 0.8, 2.0), cfg, memory_mb=memory_mb, inplace=True) is copy
+        cpu = torch.device("cpu")  # where the slabs run (infer passes its device; no GPU in CI)
+        assert refine(copy, image, (1.0, 0.8, 2.0), cfg, memory_mb=memory_mb, inplace=True, device=cpu) is copy
         assert torch.equal(copy, one_pass), memory_mb
     odd = torch.softmax(torch.randn(3, 23, 17, 9, generator=g) * 2, dim=0)  # planes of 153 voxels: float rounding
     odd_image = torch.randn(23, 17, 9, generator=g)

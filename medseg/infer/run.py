@@ -86,6 +86,7 @@ def predict(
             prepared.spacing,
             crf_cfg,
             inplace=True,  # the unrefined map is not needed again: no second copy of it
+            device=device,  # slab by slab on the GPU when there is one
         )
         probabilities = Image(refined.numpy(), probabilities.affine)
     del prepared

@@ -34,6 +34,7 @@ def refine(
     *,
     memory_mb: float = MEMORY_MB,
     inplace: bool = False,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Mean-field CRF refinement.
 
@@ -46,6 +47,8 @@ def refine(
         memory_mb: the foreground's bounding box is refined in slabs whose maps take about this much (the
             process's peak grew by about twice that in ``benchmarks/crf.py``, whatever the box's size).
         inplace: write into ``probabilities`` instead of a copy (saves one copy of the map at inference).
+        device: where the slabs are computed (default: the map's device). ``infer`` passes its device: on a GPU
+            the map stays in host memory and only one slab at a time goes to the GPU.
 
     Returns:
         Refined probabilities, same shape: a copy (the input left alone), or ``probabilities`` itself if
@@ -86,13 +89,13 @@ def refine(
     for a in range(start, stop, core):
         b, hi = min(a + core, stop), min(a + core + halo, stop)
         lo = a - (0 if context is None else context.shape[axis + 1])
-        q = probabilities[along(a, hi)].float()
+        q = probabilities[along(a, hi)].to(device or probabilities.device, torch.float32)
         if context is not None:
             q = torch.cat([context, q], dim=axis + 1)
-        refined = _mean_field(q, image[along(lo, hi)[1:]].float(), offsets, spacing_mm, cfg)
+        refined = _mean_field(q, image[along(lo, hi)[1:]].to(q.device, torch.float32), offsets, spacing_mm, cfg)
         keep = min(halo, b - lo)
         context = q.narrow(axis + 1, b - keep - lo, keep).clone()
-        out[along(a, b)] = refined.narrow(axis + 1, a - lo, b - a).to(out.dtype)
+        out[along(a, b)] = refined.narrow(axis + 1, a - lo, b - a).to(out.device, out.dtype)
     return out
 
 
