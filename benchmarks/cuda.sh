@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, for a machine with a GPU: training speed per network under AMP, then the hippocampus benchmark's
-# medseg recipe trained on the GPU (the plan picks DynUNet 32-256 there) and scored with medseg's infer on CUDA.
+# medseg recipe trained on the GPU (the plan picks DynUNet 32-256 there) and scored with medseg's infer on CUDA
+# (with the CRF's slabs on the GPU too when training's decision turns it on: summary.json's crf_decision).
 #
 #   bash benchmarks/cuda.sh HIPPOCAMPUS_DIR OUT_DIR [MINUTES]
 #
