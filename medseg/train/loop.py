@@ -523,14 +523,19 @@ class Trainer:
         return values, samples, time.perf_counter() - start
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """The training step's forward pass; a compiled channels-last one that fails is retried in the default layout.
+        """The training step's forward pass, around a failure of torch's compiled channels-last steps.
 
         torch 2.13's inductor expects channels-last outputs from convolutions that oneDNN, in float32 with one
         thread, returns contiguous (``assert_size_stride`` fails: seen on a 2-core Xeon when the thread tuner probed
         one thread, which it also does on a busy machine; two threads ran; ``benchmarks/train_speed.py layout
-        --float32 --threads 1``). Rather than lose the run, the network goes back to torch's default layout, is
-        compiled again (half a minute) and trains on; the layout's 12-20% is the price.
+        --float32 --threads 1``). So with one thread a channels-last network steps eagerly (0.177 s per float32
+        step there, against 0.169 s compiled in the default layout and 0.207 s eager; ad hoc), and goes back to its
+        compiled steps when the tuner goes back to more threads. A compiled channels-last step that fails anyway
+        (another CPU, another count) is retried in the default layout, compiled again (half a minute), and the run
+        trains on without the layout's 12-20%.
         """
+        if self.compiled and self.memory_format is not None and torch.get_num_threads() == 1:
+            return self.stepped(image)
         try:
             return self.step_model(image)
         except Exception as error:  # torch raises AssertionError here; anything the retry does not cure re-raises
