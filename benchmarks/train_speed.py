@@ -261,6 +261,8 @@ SETTINGS = [
     ("+ thread tuner", [*NEW, "--monai-affine"]),
     ("+ rotation and scaling in one resampling = medseg's default", NEW),
     ("  (default with 1 worker process)", ["--batch", "4", "--workers", "1", "--amp", "--compile"]),
+    # what a CPU without bf16 runs: float32, compiled, channels-last at 2 threads, eager steps at the tuner's 1
+    ("  (default in float32, as on a CPU without bf16)", ["--batch", "4", "--workers", "0", "--no-amp", "--compile"]),
 ]
 
 
