@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -285,6 +284,8 @@ def score(recipe: str, predict_fn: Any, test: list[dict], workdir: Path, config:
 def log_to_run(train_dir: Path, config: Config, rows: list[dict], model: torch.nn.Module) -> None:
     """The test metrics, the network's size, the process's peak memory and the median seconds per epoch, into the
     training's MLflow run (what ``benchmarks/compare_networks.py`` tabulates)."""
+    from infer import peak_rss_mb  # benchmarks/infer.py, beside this script (imported here: tests load this file)
+
     from medseg import tracking
 
     s = summarise(config, rows)
@@ -298,7 +299,7 @@ def log_to_run(train_dir: Path, config: Config, rows: list[dict], model: torch.n
         "test_boundary_f1_mean": mean["boundary_f1"],
         "test_hd95_mm_mean": mean["hd95_mm"],
         "n_parameters": float(sum(p.numel() for p in model.parameters())),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_rss_mb(),  # VmHWM: its own peak, also when compare_networks.py starts it
         "median_seconds_per_epoch": float(np.median([float(r["seconds_per_epoch"]) for r in history])),
         "epochs_trained": float(len(history)),
     }
