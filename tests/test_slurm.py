@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 from test_team_server import _free_port
 from test_workflow import _fresh_copy, _snakemake
+
+from medseg.io import read_tsv
 
 PROGRAMS = (
     *("slurmctld", "slurmd", "slurmdbd", "sbatch", "srun", "sacct", "sacctmgr", "sinfo"),
@@ -211,20 +212,14 @@ def _sacct() -> list[dict[str, str]]:
     return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line]
 
 
-def test_the_tiny_workflow_runs_as_slurm_jobs(slurm_cluster: dict[str, str], repo: Path, tmp_path: Path) -> None:
-    clone = _fresh_copy(repo, tmp_path / "clone")
-    overrides = tmp_path / "cluster.yaml"
-    # medseg's default requests (train 32 GB) are for real nodes; this node has what the machine has
-    overrides.write_text("jobs:\n  gpus: 0\n  mem_mb: {train: 3000, infer: 2000, ingest: 2000, plan: 2000}\n")
-    cores = slurm_cluster["cpus"]
+def _on_slurm(clone: Path, cores: str, *args: str) -> tuple[str, int]:
+    """Snakemake with the SLURM profile in ``clone``: its output (after asserting success) and the jobs it submitted."""
     result = _snakemake(
         clone,
         clone,
+        *args,
         "--profile",
         str(clone / "configs" / "profiles" / "slurm"),
-        "--configfile",
-        str(clone / "configs" / "tiny.yaml"),
-        str(overrides),
         "--cores",
         cores,  # the profile's 16 is more than this node has: SLURM would hold the train job forever
         "--slurm-init-seconds-before-status-checks",
@@ -236,20 +231,45 @@ def test_the_tiny_workflow_runs_as_slurm_jobs(slurm_cluster: dict[str, str], rep
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "(100%) done" in output, output[-3000:]
-    submitted = output.count("has been submitted with SLURM jobid")
-    jobs = _sacct()
-    ours = jobs  # a cluster of this test's own: every job in its accounting is the workflow's
+    return output, output.count("has been submitted with SLURM jobid")
+
+
+def test_the_tiny_workflow_and_predict_all_run_as_slurm_jobs(
+    slurm_cluster: dict[str, str], repo: Path, tmp_path: Path
+) -> None:
+    clone = _fresh_copy(repo, tmp_path / "clone")
+    overrides = tmp_path / "cluster.yaml"
+    # medseg's default requests (train 32 GB) are for real nodes; this node has what the machine has
+    overrides.write_text("jobs:\n  gpus: 0\n  mem_mb: {train: 3000, infer: 2000, ingest: 2000, plan: 2000}\n")
+    cores = slurm_cluster["cpus"]
+    tiny = str(clone / "configs" / "tiny.yaml")
+    output, submitted = _on_slurm(clone, cores, "--configfile", tiny, str(overrides))
+    jobs = _sacct()  # a cluster of this test's own: every job in its accounting is the workflow's
     # every rule job went through sbatch, and SLURM's accounting saw each one complete
-    assert submitted >= 8 and len(ours) == submitted, (submitted, jobs)
-    assert all(j["State"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in ours), ours
-    assert max(int(j["AllocCPUS"]) for j in ours) == int(cores), ours  # training asked for the node's cores
-    assert "3000M" in {j["ReqMem"] for j in ours}, ours  # jobs.mem_mb reached sbatch --mem
-    # what SLURM keeps of each job (name, comment: the rule and its wildcards, submit line) names no demo patient
-    # (their DICOM says "Mustermann01^Erika", "DEMO0001"; the cluster's accounting outlives the run)
-    recorded = " ".join(f"{j['JobName']} {j['Comment']} {j['SubmitLine']}" for j in ours)
-    assert "rule_train" in recorded and not [v for v in ("Mustermann", "DEMO0") if v in recorded], recorded
-    # the workflow's products, written by the SLURM jobs
+    assert submitted >= 8 and len(jobs) == submitted, (submitted, jobs)
+    assert all(j["State"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), jobs
+    assert max(int(j["AllocCPUS"]) for j in jobs) == int(cores), jobs  # training asked for the node's cores
+    assert "3000M" in {j["ReqMem"] for j in jobs}, jobs  # jobs.mem_mb reached sbatch --mem
     assert (clone / "results" / "train" / "model.pt").is_file()
     assert (clone / "results" / "report" / "report.html").is_file()
     assert list((clone / "results" / "evaluate").rglob("*.tsv")), "no metrics"
-    sys.stdout.write(f"{submitted} SLURM jobs completed\n")
+
+    # batch inference on the demo's DICOM folder: a listing job, then one job per series (a checkpoint's fan-out)
+    predict = tmp_path / "predict.yaml"
+    model = clone / "results" / "train" / "model.pt"
+    predict.write_text(f"predict:\n  input_dir: {clone / 'data' / 'demo_raw'}\n  model: {model}\n")
+    output, more = _on_slurm(clone, cores, "predict_all", "--configfile", tiny, str(overrides), str(predict))
+    series = read_tsv(clone / "results" / "predict" / "series.tsv")
+    segs = sorted((clone / "results" / "predict" / "dicom_seg").glob("*.dcm"))
+    dicom = [r for r in series if r["source_format"] == "dicom"]
+    # configs/tiny.yaml: 6 patients, 3 of them as DICOM series (a DICOM-SEG each), 3 as NIfTI
+    assert len(series) == 6 and len(dicom) == 3 and len(segs) == 3, (series, segs)
+    assert more == len(series) + 2, output[-3000:]  # the listing, each series, the summary
+    jobs = _sacct()
+    assert len(jobs) == submitted + more and all(j["State"] == "COMPLETED" for j in jobs), jobs
+    # what SLURM keeps of each job (name; comment: the rule and its wildcards, here the series' pseudonymous id;
+    # submit line) names no demo patient (their DICOM says "Mustermann01^Erika", "DEMO0001", as do their folders);
+    # the cluster's accounting outlives the run
+    recorded = " ".join(f"{j['JobName']} {j['Comment']} {j['SubmitLine']}" for j in jobs)
+    assert "rule_train" in recorded and series[0]["series_id"] in recorded, recorded
+    assert not [v for v in ("Mustermann", "DEMO0") if v in recorded], recorded
