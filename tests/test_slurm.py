@@ -83,14 +83,16 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
     processes: list[subprocess.Popen] = []
     logs = [root / name for name in ("munged.log", "mariadb.log", "slurmdbd.log", "slurmctld.log", "slurmd.log")]
     env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
-    old = {name: os.environ.get(name) for name in ("SLURM_CONF", "PATH")}
+    environment = pytest.MonkeyPatch()  # SLURM_CONF and PATH for this module's tests, undone at the end
 
     def start(*command: str, log: str) -> None:
         with open(root / log, "ab") as out:
             processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
 
     try:
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # sacctmgr and sinfo here, sbatch and sacct in Snakemake's plugin
+        environment.setenv(
+            "SLURM_CONF", env["SLURM_CONF"]
+        )  # sacctmgr and sinfo here, sbatch and sacct in Snakemake's plugin
         # snakemake-executor-plugin-slurm-jobstep drops every SLURM_* variable but the job's identity before its
         # inner `srun` (0.6.1, "Sanitize inherited SLURM task/GPU settings"), SLURM_CONF too: a real cluster's srun
         # finds /etc/slurm/slurm.conf or slurmd's configless cache; this one's finds its config through this shim,
@@ -99,7 +101,8 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         shim.parent.mkdir()
         shim.write_text(f'#!/bin/sh\nSLURM_CONF="{env["SLURM_CONF"]}" exec {_which("srun")} "$@"\n')
         shim.chmod(0o755)
-        os.environ["PATH"] = env["PATH"] = f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env["PATH"] = f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        environment.setenv("PATH", env["PATH"])
         # munge: a fresh key, only for this cluster
         key = root / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -187,11 +190,7 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         _wait(idle, "slurmctld and slurmd (an idle node)", processes, logs)
         yield {"root": str(root), "host": host, "cpus": str(cpus)}
     finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        environment.undo()
         for process in reversed(processes):
             process.terminate()
         for process in reversed(processes):
