@@ -391,8 +391,8 @@ class CrfConfig(_Section):
     enabled: bool | Literal["auto"] = Field(
         "auto",
         description="auto: decided at the end of training on the validation cases by nnU-Net's rule (on only if the "
-        "mean foreground Dice rises and no class's falls), recorded in model.pt and train/crf_decision.json; "
-        "true / false: always / never",
+        "mean foreground Dice rises and no class's falls by more than 0.001), recorded in model.pt and "
+        "train/crf_decision.json; true / false: always / never",
     )
     iterations: int = Field(5, ge=1)
     window_vox: int = Field(1, ge=1, le=4, description="neighbours within this many voxels per axis exchange messages")
