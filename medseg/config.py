@@ -143,6 +143,11 @@ class AugmentConfig(_Section):
     )
     scale_prob: float = Field(0.2, ge=0, le=1)
     scale_range: tuple[float, float] = (0.7, 1.4)
+    label_interpolation: Literal["nearest", "linear"] = Field(
+        "nearest",
+        description="how rotation and scaling resample the mask: nearest neighbour, or linear (each class's "
+        "one-hot interpolated, then the largest; nnU-Net's default), which keeps boundaries smooth",
+    )
     elastic_prob: float = Field(0.0, ge=0, le=1, description="elastic deformation (3D only; off in nnU-Net)")
     noise_prob: float = Field(0.1, ge=0, le=1)
     noise_std: float = Field(0.1, ge=0)
