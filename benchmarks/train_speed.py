@@ -4,6 +4,7 @@
     python benchmarks/train_speed.py loader [--worker-counts 0 1 2] [--epochs 5]
     python benchmarks/train_speed.py networks [--threads 2] [--iterations 3] [--device cpu|cuda]
     python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4] [--float32]
+    python benchmarks/train_speed.py precision [--threads 2] [--iterations 30] [--batch 4]
     python benchmarks/train_speed.py widths [--threads 2] [--iterations 20] [--batch 4]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
@@ -25,6 +26,9 @@ compiled UNet 16-128 in the contiguous and the channels-last 3D layout, both in 
 (so that a shared machine's drift hits both alike), under the autocast ``medseg train`` would use on this CPU
 (``--float32``: float32 steps, as a CPU without bf16 trains). ``layout --float32 --threads 1`` fails on the
 session-15 Xeon (torch 2.13 inductor's ``assert_size_stride``), which ``medseg train`` now survives.
+
+``precision``: the same step time in bfloat16 autocast against float32 (contiguous and channels-last), alternated
+likewise: whether this CPU's bf16 pays (``amp`` trains in bf16 on any CPU with AMX or AVX512-BF16).
 
 ``widths``: the same step time for the plan's CPU UNet (16-128) against wider ones (24-192, 32-256) and a deeper one
 (3 residual units per level), alternated likewise: what a larger network costs in samples per minute.
@@ -319,10 +323,12 @@ def alternated_step_ms(
     batch: int,
     iterations: int,
     dtype: torch.dtype | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> tuple[torch.dtype, dict[str, float]]:
     """Median milliseconds per compiled training step (forward, backward, fused AdamW; the hippocampus patch) of each
     network in its layout, all in one process with their steps alternated, so that a shared machine's drift hits them
-    alike; under the autocast ``medseg train`` would use on this CPU (which is returned too)."""
+    alike; under the autocast ``medseg train`` would use on this CPU (which is returned too), or per network the
+    type in ``dtypes``."""
     from monai.losses import DiceCELoss
 
     from medseg.train.loop import cpu_has_native_bf16
@@ -337,10 +343,11 @@ def alternated_step_ms(
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
         runs[name] = (torch.compile(net), optimizer, image.contiguous(memory_format=fmt), [])
     for step in range(iterations + 5):
-        for model, optimizer, x, times in runs.values():
+        for name, (model, optimizer, x, times) in runs.items():
+            step_dtype = (dtypes or {}).get(name, dtype)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast("cpu", dtype=step_dtype, enabled=step_dtype != torch.float32):
                 output = model(x)
             loss_fn(output.float(), label).backward()
             optimizer.step()
@@ -364,6 +371,31 @@ def layout(args: argparse.Namespace) -> None:
         raise SystemExit(1) from error
     print(f"{dtype}, batch {args.batch or 4}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
     print(f"channels-last speed-up: {ms['contiguous'] / ms['channels-last 3D']:.2f}x")
+
+
+def precision(args: argparse.Namespace) -> None:
+    """Step time of the compiled hippocampus UNet in bfloat16 autocast (contiguous, as ``amp`` trains on a CPU with
+    bf16) against float32 (contiguous, and channels-last as a CPU without bf16 trains), steps alternated: whether
+    this CPU's bf16 pays. AMX (Intel Sapphire Rapids on) multiplies bf16 matrices in tiles; AVX512-BF16 alone
+    (AMD Zen 4, Intel Cooper Lake) only has bf16 dot-product instructions."""
+    from medseg.train.loop import cpu_has_native_bf16
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    nets = {
+        "bfloat16 contiguous": (unet([16, 32, 64, 128]), torch.contiguous_format),
+        "float32 contiguous": (unet([16, 32, 64, 128]), torch.contiguous_format),
+        "float32 channels-last 3D": (unet([16, 32, 64, 128]), torch.channels_last_3d),
+    }
+    dtypes = {"bfloat16 contiguous": torch.bfloat16}
+    _, ms = alternated_step_ms(nets, args.batch or 4, args.iterations, torch.float32, dtypes)
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["neither amx_bf16 nor avx512_bf16"]
+    print(f"{args.threads} thread(s), batch {args.batch or 4}, compiled, steps alternated; CPU flags: {found}")
+    print(f"medseg's choice on this CPU: {'bfloat16' if cpu_has_native_bf16() else 'float32'}")
+    for name, value in ms.items():
+        print(f"  {name:26s} {value:7.1f} ms  {ms['float32 contiguous'] / value:.2f}x float32 contiguous")
 
 
 def widths(args: argparse.Namespace) -> None:
@@ -431,7 +463,7 @@ def loader(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout", "widths"]
+        "what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout", "precision", "widths"]
     )
     parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
     parser.add_argument("--threads", type=int, default=2)
@@ -440,7 +472,7 @@ def main() -> None:
         "--iterations",
         type=int,
         default=3,
-        help="networks: timed iterations per network; layout, widths: per network (at least 30, 20)",
+        help="networks: timed iterations per network; layout, precision, widths: per network (at least 30, 30, 20)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="networks only")
     parser.add_argument(
@@ -477,9 +509,9 @@ def main() -> None:
         networks(args)
     elif args.what == "loader":
         loader(args)
-    elif args.what in ("layout", "widths"):
+    elif args.what in ("layout", "precision", "widths"):
         args.iterations = max(args.iterations, 20 if args.what == "widths" else 30)
-        (layout if args.what == "layout" else widths)(args)
+        {"layout": layout, "precision": precision, "widths": widths}[args.what](args)
     else:
         levers(args)
 
