@@ -146,7 +146,8 @@ class AugmentConfig(_Section):
     label_interpolation: Literal["nearest", "linear"] = Field(
         "nearest",
         description="how rotation and scaling resample the mask: nearest neighbour, or linear (each class's "
-        "one-hot interpolated, then the largest; nnU-Net's default), which keeps boundaries smooth",
+        "one-hot interpolated, then the largest; nnU-Net's default), which keeps boundaries smooth but lost 0.004 "
+        "Dice on the hippocampus benchmark (BENCHMARKS.md, session 18)",
     )
     elastic_prob: float = Field(0.0, ge=0, le=1, description="elastic deformation (3D only; off in nnU-Net)")
     noise_prob: float = Field(0.1, ge=0, le=1)
