@@ -202,6 +202,7 @@ def build_segmentation(
     classes: Sequence[str],
     config: PredictConfig,
     model_label: str | None = None,
+    instances: tuple[np.ndarray, list[tuple[int, int]]] | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY DICOM-SEG of ``label`` referencing the source frames.
 
@@ -212,6 +213,8 @@ def build_segmentation(
         config: segment names, colours and codes; series number and description.
         model_label: the registered model version (``<name> v<version>``): then the second SoftwareVersions value,
             the ContentCreatorName (``medseg^<label>``) and the end of the SeriesDescription (64 characters at most).
+        instances: with ``config.seg_instances``, :func:`instance_segments` of ``label`` where the caller has it
+            already (``medseg predict`` measures the instances' volumes from it); computed here otherwise.
 
     Returns:
         The Segmentation (not yet written). Empty frames are left out, except when every frame is empty: then
@@ -219,7 +222,7 @@ def build_segmentation(
     """
     pairs = None
     if config.seg_instances:
-        renumbered, found = instance_segments(label.array[0], len(classes))
+        renumbered, found = instances if instances is not None else instance_segments(label.array[0], len(classes))
         if found:  # an empty prediction keeps one (empty) segment per class
             label, pairs = Label(renumbered[None], label.affine), found
     seg_frames = label_to_frames(label)

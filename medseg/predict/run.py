@@ -57,10 +57,10 @@ from medseg.ingest.pseudonym import Redactor, debug_traceback, load_or_create_ke
 from medseg.io import file_sha256, read_json, read_volume, to_canonical, write_json, write_tsv, write_volume
 from medseg.metrics import instance_volumes
 from medseg.predict.commit import remove_partials, staged
-from medseg.predict.dicom_seg import build_segmentation, source_frames, write_segmentation
+from medseg.predict.dicom_seg import build_segmentation, instance_segments, source_frames, write_segmentation
 from medseg.predict.functional import class_volumes_ml, default_color, from_canonical
 from medseg.qc import render_qc
-from medseg.volume import Image, check_image
+from medseg.volume import Image, Label, check_image
 
 log = logging.getLogger(__name__)
 
@@ -397,11 +397,15 @@ def _predict_and_commit(
         (config.predict.segments[c].color_rgb if c in config.predict.segments else None) or default_color(i)
         for i, c in enumerate(classes, start=1)
     ]
+    # each class's connected components once: the DICOM-SEG's per-instance segments and the volumes below
+    instances = (
+        instance_segments(label.array[0], len(classes)) if frames is not None and config.predict.seg_instances else None
+    )
     with staged() as stage:
         write_volume(label, stage.path(files["nifti"]))
         if frames is not None:
             try:
-                seg = build_segmentation(label, frames, classes, config.predict, model_label)
+                seg = build_segmentation(label, frames, classes, config.predict, model_label, instances)
             except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
                 raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
             write_segmentation(seg, stage.path(files["dicom_seg"]))
@@ -421,10 +425,7 @@ def _predict_and_commit(
             "empty": not bool(label.array.any()),
             "volume_ml": dict(zip(classes, volumes, strict=True)),
             # each class's connected components (lesion 1, 2, ... largest first) and their volumes
-            "instances_ml": {
-                c: [round(v / 1000.0, 4) for v in instance_volumes(label.array[0] == i, label.spacing)]
-                for i, c in enumerate(classes, start=1)
-            },
+            "instances_ml": instances_ml(label, classes, instances),
             "flags": list(verdict.flags),
             "seconds": round(time.perf_counter() - start, 2),
             "outputs": {k: str(p.relative_to(output_dir)) for k, p in files.items()},
@@ -432,6 +433,25 @@ def _predict_and_commit(
         if record is not None:
             write_json(stage.path(record_path(output_dir, job.stem)), {**record, **result, "status": "done"})
     return result
+
+
+def instances_ml(
+    label: Label, classes: Sequence[str], instances: tuple[np.ndarray, list[tuple[int, int]]] | None = None
+) -> dict[str, list[float]]:
+    """Each class's connected components' volumes (ml, largest first), from ``instances``
+    (:func:`medseg.predict.dicom_seg.instance_segments` of ``label``) where given, else computed class by class."""
+    if instances is None:
+        return {
+            c: [round(v / 1000.0, 4) for v in instance_volumes(label.array[0] == i, label.spacing)]
+            for i, c in enumerate(classes, start=1)
+        }
+    renumbered, pairs = instances
+    voxel_mm3 = float(np.prod(label.spacing))
+    sizes = np.bincount(renumbered.ravel(), minlength=len(pairs) + 1)[1:]
+    out: dict[str, list[float]] = {c: [] for c in classes}
+    for (class_index, _), size in zip(pairs, sizes, strict=True):  # class by class, largest first
+        out[classes[class_index - 1]].append(round(float(size) * voxel_mm3 / 1000.0, 4))
+    return out
 
 
 def job_source(job: SeriesJob, root: Path) -> str:

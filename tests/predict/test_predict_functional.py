@@ -65,3 +65,20 @@ def test_qc_slices_follow_the_foreground() -> None:
     assert pick_slices(label, 3) == [10, 15, 20]
     empty = pick_slices(np.zeros((4, 4, 30), dtype=np.uint8), 4)
     assert len(empty) == 4 and min(empty) > 0 and max(empty) < 29
+
+
+def test_instance_volumes_from_the_dicom_seg_numbering_equal_the_per_class_count() -> None:
+    """``medseg predict`` with ``seg_instances`` finds each class's components once (the DICOM-SEG's numbering) and
+    reads the volumes of ``instances.tsv`` off it: the same volumes, in the same largest-first order, as counting
+    each class's components on its own."""
+    from medseg.predict.dicom_seg import instance_segments
+    from medseg.predict.run import instances_ml
+
+    rng = np.random.default_rng(7)
+    array = (rng.random((1, 24, 20, 12)) > 0.8).astype(np.uint8) * rng.integers(1, 4, size=(1, 24, 20, 12))
+    array[0, 2:9, 2:9, 2:9] = 2  # one large component among the specks
+    label = Label(array.astype(np.uint8), np.diag([0.8, 0.9, 2.5, 1.0]))
+    classes = ["a", "b", "c"]
+    once = instances_ml(label, classes, instance_segments(label.array[0], len(classes)))
+    assert once == instances_ml(label, classes)
+    assert all(len(v) > 5 for v in once.values()) and once["b"][0] == max(once["b"])
