@@ -30,6 +30,7 @@ from medseg.volume import Label
 
 # highdicom logs the source's SOP instance UIDs at INFO: identity values must not reach our logs.
 logging.getLogger("highdicom").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence  # DCM 123110, the family a segmentation network is in
 
@@ -109,14 +110,23 @@ def segment_descriptions(
     return descriptions
 
 
-def instance_segments(label: np.ndarray, n_classes: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+MAX_SEGMENTS = 65535  # Segment Number is an unsigned 16-bit value
+
+
+def instance_segments(label: np.ndarray, n_classes: int) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
     """A label map renumbered so that every instance (connected component) of every class is its own value 1..K,
     class by class, largest instance first (the order of ``instances.tsv``); and ``(class index, instance
-    number)`` for each value."""
+    number)`` for each value. None when there are more instances than a DICOM-SEG has segment numbers."""
     out = np.zeros(label.shape, dtype=np.uint16)
     pairs: list[tuple[int, int]] = []
     for c in range(1, n_classes + 1):
         components, n = instances_largest_first(label == c)
+        if len(pairs) + n > MAX_SEGMENTS:
+            log.warning(
+                "more than %d connected components: one DICOM-SEG segment per class instead of per instance",
+                MAX_SEGMENTS,
+            )
+            return None
         inside = components > 0
         out[inside] = components[inside] + len(pairs)
         pairs.extend((c, rank) for rank in range(1, n + 1))
@@ -222,9 +232,9 @@ def build_segmentation(
     """
     pairs = None
     if config.seg_instances:
-        renumbered, found = instances if instances is not None else instance_segments(label.array[0], len(classes))
-        if found:  # an empty prediction keeps one (empty) segment per class
-            label, pairs = Label(renumbered[None], label.affine), found
+        instances = instances if instances is not None else instance_segments(label.array[0], len(classes))
+        if instances is not None and instances[1]:  # an empty prediction keeps one (empty) segment per class
+            label, pairs = Label(instances[0][None], label.affine), instances[1]
     seg_frames = label_to_frames(label)
     if seg_frames.shape != (len(frames), *frames[0].shape):
         raise GeometryError(

@@ -223,6 +223,33 @@ def test_one_segment_per_instance_on_request(tmp_path: Path) -> None:
     assert len({str(s.TrackingUID) for s in seg.SegmentSequence}) == 3
 
 
+def test_more_instances_than_segment_numbers_fall_back_to_one_segment_per_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DICOM-SEG numbers its segments with 16 bits: a speckled prediction with more components than that gets one
+    segment per class (and a warning), and ``instances_ml`` still counts every component."""
+    from medseg.predict import dicom_seg
+
+    monkeypatch.setattr(dicom_seg, "MAX_SEGMENTS", 2)  # 65535 in a DICOM-SEG; 3 components here
+    config = tiny_config(tmp_path / "key", predict={"seg_instances": True})
+    write_series(tmp_path / "in" / "pat")
+    jobs, _, _ = predict_run.plan(config, tmp_path / "in")
+
+    def two_lesions(image: Image) -> Label:
+        label = np.zeros_like(image.array, dtype=np.uint8)
+        label[0, 0:2, 0:3, 0:2] = 1
+        label[0, 4:6, 4:6, 4:6] = 1
+        label[0, 0, 5, 5] = 2
+        return Label(label, image.affine.copy())
+
+    out = tmp_path / "out"
+    facts = predict_run.predict_series(jobs[0], two_lesions, CLASSES, config, out)
+    assert [len(v) for v in facts["instances_ml"].values()] == [2, 1]
+    assert_dciodvfy_ok(out / facts["outputs"]["dicom_seg"])
+    seg = hd.seg.segread(out / facts["outputs"]["dicom_seg"])
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == list(CLASSES)
+
+
 def test_a_finished_series_is_redone_when_a_setting_that_shapes_it_changes(tmp_path: Path, tiny: tuple) -> None:
     config, checkpoint = tiny
     base = predict_run.model_identity(checkpoint, config)
