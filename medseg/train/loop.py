@@ -458,6 +458,11 @@ class Trainer:
     def restore(self) -> None:
         """Continue from ``last.pt`` of the same run (weights, optimiser, schedule, scaler, random state, history)."""
         state = load_resume_state(self.output_dir, self.identity)
+        if state is not None and state["progress"].get("finished") and not (self.output_dir / "model.pt").exists():
+            # Snakemake removes a job's outputs before it runs the job again (--forcerun, or an input rewritten
+            # upstream), but not last.pt: a finished run resumed would then have no model.pt to finish with
+            log.info("%s is of a finished run whose model.pt is gone: training afresh", self.output_dir / "last.pt")
+            state = None
         if state is None:
             self.schedule.apply()
             return

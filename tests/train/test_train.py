@@ -203,6 +203,23 @@ def test_a_resumed_run_matches_an_uninterrupted_one(
         assert float(a["learning_rate"]) == pytest.approx(float(b["learning_rate"]), rel=1e-6)
 
 
+def test_a_finished_run_whose_model_is_gone_trains_afresh(tiny_dataset: dict, make_config: Callable) -> None:
+    """Started again with its outputs in place, a finished run only finishes again (the same MLflow run). Snakemake
+    removes a job's outputs, but not ``last.pt``, before it runs the job again (``--forcerun train``, or an input
+    rewritten upstream): then the run trains afresh instead of failing for want of ``model.pt``."""
+    root = tiny_dataset["root"]
+    config = make_config(root, epochs=2, network="unet")
+    args = (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
+    first = run(*args)
+    again = run(*args)
+    assert again["run_id"] == first["run_id"] and again["epochs"] == 2
+    for name in ("model.pt", "run.json", "history.tsv"):  # the train rule's outputs
+        (root / "train" / name).unlink()
+    fresh = run(*args)
+    assert fresh["run_id"] != first["run_id"] and fresh["epochs"] == 2
+    assert (root / "train" / "model.pt").exists() and [r["epoch"] for r in _history(root / "train")] == ["1", "2"]
+
+
 def test_wall_clock_budget_stops_training(tiny_dataset: dict, make_config: Callable) -> None:
     root = tiny_dataset["root"]
     config = make_config(root, epochs=500, max_minutes=0.0001, network="unet")
