@@ -168,21 +168,22 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
 
 
 def _resample_labels(label: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``label`` (1, ...) resampled on ``grid`` by linear interpolation of each foreground class's one-hot mask;
-    background is what the foreground classes leave (1 outside the input), and the largest share wins. MONAI's
+    """``label`` (1, ...) resampled on ``grid`` by linear interpolation of each non-zero label's one-hot mask;
+    background (0) is what the others leave (1 outside the input), and the largest share wins. MONAI's
     resamplers offer nearest neighbour for labels only, whose staircase boundaries a rotated mask then teaches."""
     labels = label[0].round().long()
-    classes = int(labels.max()) + 1 if labels.numel() else 1
-    if classes == 1:
+    values = torch.unique(labels)
+    values = values[values != 0]  # the labels present, an ignore value (255, -1) among them, without background
+    if values.numel() == 0:
         return torch.zeros_like(label)
-    onehot = (labels[None] == torch.arange(1, classes).view(-1, *[1] * labels.ndim)).float()
+    onehot = (labels[None] == values.view(-1, *[1] * labels.ndim)).float()
     shares = functional.grid_sample(onehot[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     # the largest share, ties to the lower label, one class at a time: torch's argmax across the first axis of
     # (classes, X, Y, Z) took 12 ms per 40 x 56 x 40 patch, this loop 0.9 ms
     best = 1.0 - shares.sum(0)
     out = torch.zeros(shares.shape[1:], dtype=label.dtype)
-    for k, share in enumerate(shares, start=1):
-        out[share > best] = k
+    for value, share in zip(values.tolist(), shares, strict=True):
+        out[share > best] = value
         best = torch.maximum(best, share)
     return out[None]
 

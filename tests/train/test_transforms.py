@@ -223,6 +223,10 @@ def test_linear_label_resampling_fills_outside_the_input_with_background() -> No
     assert (out[3:9, 3:9, 3:9] == 2).all() and (out[:2] == 0).all() and (out[..., -2:] == 0).all()
     empty = torch.zeros((1, 8, 8, 8), dtype=torch.int16)
     assert torch.equal(shrink({"image": empty.float(), "label": empty})["label"], empty)
+    ignored = label.clone()  # an ignore value (CE's ignore_index) stays itself, whatever its number
+    ignored[0, :6], ignored[0, 6:] = 255, -1
+    values = set(shrink({"image": ignored.float(), "label": ignored})["label"].unique().tolist())
+    assert values == {0, 255, -1}
 
 
 @pytest.mark.parametrize("label_interpolation", ["nearest", "linear"])
