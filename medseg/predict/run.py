@@ -398,14 +398,16 @@ def _predict_and_commit(
         for i, c in enumerate(classes, start=1)
     ]
     # each class's connected components once: the DICOM-SEG's per-instance segments and the volumes below
-    instances = (
-        instance_segments(label.array[0], len(classes)) if frames is not None and config.predict.seg_instances else None
-    )
+    predict_config, instances = config.predict, None
+    if frames is not None and predict_config.seg_instances:
+        instances = instance_segments(label.array[0], len(classes))
+        if instances is None:  # more components than segment numbers: one segment per class
+            predict_config = predict_config.model_copy(update={"seg_instances": False})
     with staged() as stage:
         write_volume(label, stage.path(files["nifti"]))
         if frames is not None:
             try:
-                seg = build_segmentation(label, frames, classes, config.predict, model_label, instances)
+                seg = build_segmentation(label, frames, classes, predict_config, model_label, instances)
             except (ValueError, AttributeError, TypeError) as err:  # highdicom's checks of the source datasets
                 raise MedsegError(f"cannot build a DICOM-SEG for this series: {type(err).__name__}: {err}") from err
             write_segmentation(seg, stage.path(files["dicom_seg"]))

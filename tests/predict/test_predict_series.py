@@ -224,7 +224,7 @@ def test_one_segment_per_instance_on_request(tmp_path: Path) -> None:
 
 
 def test_more_instances_than_segment_numbers_fall_back_to_one_segment_per_class(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A DICOM-SEG numbers its segments with 16 bits: a speckled prediction with more components than that gets one
     segment per class (and a warning), and ``instances_ml`` still counts every component."""
@@ -243,8 +243,10 @@ def test_more_instances_than_segment_numbers_fall_back_to_one_segment_per_class(
         return Label(label, image.affine.copy())
 
     out = tmp_path / "out"
-    facts = predict_run.predict_series(jobs[0], two_lesions, CLASSES, config, out)
+    with caplog.at_level("WARNING", logger="medseg.predict.dicom_seg"):
+        facts = predict_run.predict_series(jobs[0], two_lesions, CLASSES, config, out)
     assert [len(v) for v in facts["instances_ml"].values()] == [2, 1]
+    assert sum("connected components" in r.getMessage() for r in caplog.records) == 1  # counted once
     assert_dciodvfy_ok(out / facts["outputs"]["dicom_seg"])
     seg = hd.seg.segread(out / facts["outputs"]["dicom_seg"])
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == list(CLASSES)
