@@ -378,7 +378,7 @@ def precision(args: argparse.Namespace) -> None:
     bf16) against float32 (contiguous, and channels-last as a CPU without bf16 trains), steps alternated: whether
     this CPU's bf16 pays. AMX (Intel Sapphire Rapids on) multiplies bf16 matrices in tiles; AVX512-BF16 alone
     (AMD Zen 4, Intel Cooper Lake) only has bf16 dot-product instructions."""
-    from medseg.train.loop import cpu_has_native_bf16
+    from medseg.train.loop import cpu_bf16_flags, cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -389,9 +389,7 @@ def precision(args: argparse.Namespace) -> None:
     }
     dtypes = {"bfloat16 contiguous": torch.bfloat16}
     _, ms = alternated_step_ms(nets, args.batch or 4, args.iterations, torch.float32, dtypes)
-    with open("/proc/cpuinfo") as f:
-        flags = next((line for line in f if line.startswith("flags")), "").split()
-    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["neither amx_bf16 nor avx512_bf16"]
+    found = cpu_bf16_flags() or ["neither amx_bf16 nor avx512_bf16"]
     print(f"{args.threads} thread(s), batch {args.batch or 4}, compiled, steps alternated; CPU flags: {found}")
     print(f"medseg's choice on this CPU: {'bfloat16' if cpu_has_native_bf16() else 'float32'}")
     for name, value in ms.items():

@@ -124,14 +124,19 @@ def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = not cfg.deterministic
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): then bf16 convolutions are faster."""
+def cpu_bf16_flags() -> list[str]:
+    """This CPU's bfloat16 units as ``/proc/cpuinfo`` names them (``amx_bf16``, ``avx512_bf16``); none if unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return []
+    return [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX): then bf16 convolutions are faster."""
+    return bool(cpu_bf16_flags())
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
