@@ -219,11 +219,13 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
     resolved, items = hippocampus_items(args.train_dir, args.cache)
     update = {"amp": args.amp, "compile": args.compile, "max_minutes": None, "batch_size": args.batch}
     update["channels_last"] = args.channels_last  # None: medseg's rule (compiled float32 CPU steps)
-    keep_none = ("max_minutes", "channels_last")
+    update["channels_last_narrow"] = args.narrow_channels_last  # None: medseg's rule (timed per layer)
+    keep_none = ("max_minutes", "channels_last", "channels_last_narrow")
     train = resolved.train.model_copy(update={k: v for k, v in update.items() if v is not None or k in keep_none})
     config = resolved.model_copy(update={"train": train})
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, items, [], Path(out), torch.device("cpu"), "speed", ModelInfo(), args.workers)
+        trainer.restore()  # as `medseg train` does: a fresh run here (the narrow layers' layout is chosen in it)
         if args.legacy:
             trainer.loader.close()
             trainer.loader = LegacyLoader(items, trainer.cfg)
@@ -250,20 +252,26 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
 
 
 OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile", "--no-channels-last", "--monai-affine"]
+OLD += ["--no-narrow-channels-last"]
 NEW = ["--batch", "4", "--workers", "0", "--amp", "--compile"]
+NARROW_OFF = "--no-narrow-channels-last"  # the rows before session 19's lever
 SETTINGS = [
     ("before: 3dfd396's drawing, float32, AdamW, batch 2", [*OLD, "--legacy", "--unfused", "--fixed-threads"]),
     ("+ volumes padded once, crop centres kept, no MONAI metadata", [*OLD, "--unfused", "--fixed-threads"]),
     ("+ fused AdamW", [*OLD, "--fixed-threads"]),
     ("+ bfloat16 autocast (AMX)", [*OLD, "--amp", "--fixed-threads"]),
     ("+ torch.compile", [*OLD, "--amp", "--compile", "--fixed-threads"]),
-    ("+ batch 4 (the plan's CPU batch now)", [*NEW, "--no-channels-last", "--monai-affine", "--fixed-threads"]),
+    (
+        "+ batch 4 (the plan's CPU batch now)",
+        [*NEW, "--no-channels-last", "--monai-affine", "--fixed-threads", NARROW_OFF],
+    ),
     (
         "+ channels-last 3D (medseg: only on a CPU without bf16)",
         [*NEW, "--channels-last", "--monai-affine", "--fixed-threads"],
     ),
-    ("+ thread tuner", [*NEW, "--monai-affine"]),
-    ("+ rotation and scaling in one resampling = medseg's default", NEW),
+    ("+ thread tuner", [*NEW, "--monai-affine", NARROW_OFF]),
+    ("+ rotation and scaling in one resampling", [*NEW, NARROW_OFF]),
+    ("+ narrow convolutions channels-last where it pays = medseg's default", NEW),
     ("  (default with 1 worker process)", ["--batch", "4", "--workers", "1", "--amp", "--compile"]),
     # what a CPU without bf16 runs: float32, compiled, channels-last at 2 threads, eager steps at the tuner's 1
     ("  (default in float32, as on a CPU without bf16)", ["--batch", "4", "--workers", "0", "--no-amp", "--compile"]),
@@ -493,6 +501,9 @@ def main() -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--narrow-channels-last", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS
+    )
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--monai-affine", action="store_true", help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medseg import tracking
-from medseg.clicks import ClickSimulator, extra_channels
+from medseg.clicks import ClickSimulator, extra_channels, input_channels
 from medseg.config import Config, InferConfig, Recipe, TrainConfig, recipe_of
 from medseg.device import ThreadTuner
 from medseg.distributed import SINGLE, Ranks
@@ -39,6 +39,7 @@ from medseg.plan.functional import UNBOUNDED_EPOCHS
 from medseg.postprocess.decision import decide_crf
 from medseg.sliding_window import predict_probabilities
 from medseg.train.data import BatchLoader
+from medseg.train.layout import convert_layers, narrow_channels_last
 from medseg.train.losses import build_loss
 from medseg.volume import Image
 
@@ -235,6 +236,7 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None
     finished: bool = False
+    narrow_channels_last: list[str] | None = None  # the layers a resumed run trains channels-last again
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,24 @@ class Trainer:
         self.batches_crc32 = ""
         self.session_start = time.perf_counter()
 
+    def _narrow_layout(self) -> None:
+        """Train the narrow convolutions channels-last where that pays (:mod:`medseg.train.layout`): on a CPU, when
+        the whole network is not channels-last already; with ``train.channels_last_narrow`` null, not in
+        deterministic runs (the choice rests on a timing). A resumed run takes its first session's choice, so that
+        it computes as the uninterrupted run would have. Before the first (compiled) step."""
+        wanted = self.cfg.channels_last_narrow
+        if self.device.type != "cpu" or self.memory_format is not None or wanted is False:
+            chosen: list[str] = []
+        elif self.progress.narrow_channels_last is not None:
+            chosen = convert_layers(self.model, self.progress.narrow_channels_last)
+        elif wanted is None and self.cfg.deterministic:
+            chosen = []
+        else:
+            inputs = input_channels(self.cfg, self.config.num_classes)
+            shape = (self.cfg.batch_size, inputs, *self.cfg.patch_size_vox)
+            chosen = narrow_channels_last(self.model, shape, self.amp_dtype, wanted)
+        self.progress.narrow_channels_last = chosen
+
     def restore(self) -> None:
         """Continue from ``last.pt`` of the same run (weights, optimiser, schedule, scaler, random state, history)."""
         state = load_resume_state(self.output_dir, self.identity)
@@ -470,6 +490,7 @@ class Trainer:
             state = None
         if state is None:
             self.schedule.apply()
+            self._narrow_layout()
             return
         self.model.load_state_dict(state["state_dict"])
         if self.ema is not None and state.get("ema") is not None:
@@ -486,6 +507,7 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.stopped = "finished" if self.progress.finished else ""
+        self._narrow_layout()
         last = self.output_dir / "last.pt"
         log.info("resuming from %s after epoch %d (MLflow run %s)", last, self.progress.epoch, self.progress.run_id)
 
