@@ -248,7 +248,8 @@ def lever_samples_per_second(args: argparse.Namespace) -> None:
                 samples, seconds = samples + n, seconds + s
         finally:
             trainer.loader.close()
-    print(json.dumps({"samples_per_s": samples / seconds, "warmup_s": warm}))
+    narrow = trainer.progress.narrow_channels_last or []
+    print(json.dumps({"samples_per_s": samples / seconds, "warmup_s": warm, "narrow_channels_last": narrow}))
 
 
 OLD = ["--batch", "2", "--workers", "0", "--no-amp", "--no-compile", "--no-channels-last", "--monai-affine"]
@@ -292,7 +293,7 @@ def levers(args: argparse.Namespace) -> None:
                 rows.append({"setting": name, "busy": busy, **result})
                 print(
                     f"{name} {'BUSY' if busy else 'quiet'} #{repeat + 1}: {result['samples_per_s']:.1f} samples/s "
-                    f"(warm-up {result['warmup_s']:.1f} s)",
+                    f"(warm-up {result['warmup_s']:.1f} s; channels-last: {result['narrow_channels_last'] or 'none'})",
                     flush=True,
                 )
 
