@@ -378,7 +378,16 @@ def _fit(
                 progress.run_id = run_id
                 tracking.log_params(params or {"config": config.to_dict()})
             world = {"ddp_processes": str(trainer.ranks.world)} if trainer.ranks.active else {}
-            tracking.set_tags({"config_digest": config.digest(), "device": str(device), **world, **(tags or {})})
+            layers = ",".join(progress.narrow_channels_last or []) or "none"  # medseg.train.layout's choice
+            tracking.set_tags(
+                {
+                    "config_digest": config.digest(),
+                    "device": str(device),
+                    "narrow_channels_last": layers,
+                    **world,
+                    **(tags or {}),
+                }
+            )
         trainer.session_start = time.perf_counter() - progress.elapsed_s
         while not progress.finished:
             trainer.epoch(progress.epoch + 1)

@@ -153,10 +153,16 @@ def _run_twice_with_different_timings(
 def test_a_resumed_run_keeps_its_first_sessions_layout(
     tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from medseg import tracking
+    from medseg.io import read_json
+
     sessions, recorded = _run_twice_with_different_timings(tiny_dataset, make_config, monkeypatch)
     assert "3->3" in sessions[0]  # the tiny network's last unit (3 classes) was timed in the first session
     assert sessions[1] == []  # the resumed session timed nothing: it took the recorded choice
     assert recorded == ["model.2.1.conv.unit0.conv"]
+    root = tiny_dataset["root"]
+    run = tracking.client(make_config(root).tracking).get_run(read_json(root / "train" / "run.json")["run_id"])
+    assert run.data.tags["narrow_channels_last"] == "model.2.1.conv.unit0.conv"  # on record in MLflow
 
 
 def test_deterministic_runs_and_forced_settings_skip_the_timing(
