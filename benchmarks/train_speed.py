@@ -6,6 +6,7 @@
     python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4] [--float32]
     python benchmarks/train_speed.py precision [--threads 2] [--iterations 30] [--batch 4]
     python benchmarks/train_speed.py widths [--threads 2] [--iterations 20] [--batch 4]
+    python benchmarks/train_speed.py narrow [--threads 2] [--iterations 30] [--batch 4] [--float32]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
 forward, backward, AdamW) on the hippocampus plan (``../shared/data/hippocampus``, the cases
@@ -32,6 +33,11 @@ likewise: whether this CPU's bf16 pays (``amp`` trains in bf16 on any CPU with A
 
 ``widths``: the same step time for the plan's CPU UNet (16-128) against wider ones (24-192, 32-256) and a deeper one
 (3 residual units per level), alternated likewise: what a larger network costs in samples per minute.
+
+``narrow``: convolutions whose channel counts are off oneDNN's 16-channel block, forward and backward at the
+hippocampus patch in the default and the channels-last layout (``medseg.train.layout.step_ms``, the timing medseg
+itself makes at the start of training), then the compiled UNet 16-128's step time as it was, with the layers that
+timing picks converted (medseg's default), and with the last transposed convolution converted as well, alternated.
 """
 
 from __future__ import annotations
@@ -405,6 +411,34 @@ def precision(args: argparse.Namespace) -> None:
         print(f"  {name:26s} {value:7.1f} ms  {ms['float32 contiguous'] / value:.2f}x float32 contiguous")
 
 
+def narrow(args: argparse.Namespace) -> None:
+    """The narrow convolutions' layouts, alone and in the compiled network (``medseg.train.layout``)."""
+    from medseg.train.layout import convert_layers, narrow_channels_last, step_ms
+    from medseg.train.loop import cpu_has_native_bf16
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch = args.batch or 4
+    dtype = None if args.float32 or not cpu_has_native_bf16() else torch.bfloat16
+    print(f"{args.threads} thread(s), batch {batch}, {dtype or torch.float32}; forward and backward of one layer:")
+    for inputs, outputs, kernel in [(3, 3, 3), (2, 2, 3), (8, 8, 3), (14, 14, 3), (16, 16, 3), (16, 3, 1), (1, 16, 3)]:
+        conv = torch.nn.Conv3d(inputs, outputs, kernel, padding=kernel // 2)
+        default_ms, channels_last_ms = step_ms(conv, (batch, inputs, 40, 56, 40), dtype, iterations=5)
+        print(
+            f"  {inputs:2d} -> {outputs:2d}, kernel {kernel}: {default_ms:6.1f} ms default, {channels_last_ms:6.1f} ms"
+        )
+    default, chosen, both = (unet([16, 32, 64, 128]) for _ in range(3))
+    names = narrow_channels_last(chosen, (batch, 1, 40, 56, 40), dtype, None)
+    convert_layers(both, [*names, "model.2.0.conv"])  # the 32 -> 3 transposed convolution before the last unit
+    nets = {"default": default, f"medseg's choice {names}": chosen, "+ the transposed convolution": both}
+    _, ms = alternated_step_ms(
+        {k: (v, torch.contiguous_format) for k, v in nets.items()}, batch, args.iterations, dtype
+    )
+    print("compiled UNet 16-128, training steps alternated:")
+    for name, value in ms.items():
+        print(f"  {name}: {value:.1f} ms ({ms['default'] / value:.2f}x the default's speed)")
+
+
 def widths(args: argparse.Namespace) -> None:
     """Step time of the compiled hippocampus UNet at the plan's width (16-128) against wider and deeper ones."""
     torch.set_num_threads(args.threads)
@@ -470,7 +504,10 @@ def loader(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", nargs="?", default="levers", choices=["levers", "networks", "loader", "layout", "precision", "widths"]
+        "what",
+        nargs="?",
+        default="levers",
+        choices=["levers", "networks", "loader", "layout", "precision", "widths", "narrow"],
     )
     parser.add_argument("--worker-counts", type=int, nargs="+", default=[0, 1, 2], help="loader: worker counts")
     parser.add_argument("--threads", type=int, default=2)
@@ -519,9 +556,9 @@ def main() -> None:
         networks(args)
     elif args.what == "loader":
         loader(args)
-    elif args.what in ("layout", "precision", "widths"):
+    elif args.what in ("layout", "precision", "widths", "narrow"):
         args.iterations = max(args.iterations, 20 if args.what == "widths" else 30)
-        {"layout": layout, "precision": precision, "widths": widths}[args.what](args)
+        {"layout": layout, "precision": precision, "widths": widths, "narrow": narrow}[args.what](args)
     else:
         levers(args)
 
