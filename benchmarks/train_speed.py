@@ -6,7 +6,7 @@
     python benchmarks/train_speed.py layout [--threads 2] [--iterations 30] [--batch 4] [--float32]
     python benchmarks/train_speed.py precision [--threads 2] [--iterations 30] [--batch 4]
     python benchmarks/train_speed.py widths [--threads 2] [--iterations 20] [--batch 4]
-    python benchmarks/train_speed.py narrow [--threads 2] [--iterations 30] [--batch 4] [--float32]
+    python benchmarks/train_speed.py narrow [--threads 2] [--iterations 30] [--batch 4] [--float32] [--repeat 3]
 
 ``levers``: samples per second of medseg's training loop (``Trainer.train_epoch``: drawing, augmentation,
 forward, backward, AdamW) on the hippocampus plan (``../shared/data/hippocampus``, the cases
@@ -37,7 +37,8 @@ likewise: whether this CPU's bf16 pays (``amp`` trains in bf16 on any CPU with A
 ``narrow``: convolutions whose channel counts are off oneDNN's 16-channel block, forward and backward at the
 hippocampus patch in the default and the channels-last layout (``medseg.train.layout.step_ms``, the timing medseg
 itself makes at the start of training), then the compiled UNet 16-128's step time as it was, with the layers that
-timing picks converted (medseg's default), and with the last transposed convolution converted as well, alternated.
+timing picks converted (medseg's default), and with the last transposed convolution converted as well: each
+network in its own process, ``--repeat`` rounds.
 """
 
 from __future__ import annotations
@@ -411,9 +412,12 @@ def precision(args: argparse.Namespace) -> None:
         print(f"  {name:26s} {value:7.1f} ms  {ms['float32 contiguous'] / value:.2f}x float32 contiguous")
 
 
+NARROW_VARIANTS = ["default", "medseg's choice", "+ the transposed convolution"]
+
+
 def narrow(args: argparse.Namespace) -> None:
     """The narrow convolutions' layouts, alone and in the compiled network (``medseg.train.layout``)."""
-    from medseg.train.layout import convert_layers, narrow_channels_last, step_ms
+    from medseg.train.layout import step_ms
     from medseg.train.loop import cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
@@ -427,16 +431,43 @@ def narrow(args: argparse.Namespace) -> None:
         print(
             f"  {inputs:2d} -> {outputs:2d}, kernel {kernel}: {default_ms:6.1f} ms default, {channels_last_ms:6.1f} ms"
         )
-    default, chosen, both = (unet([16, 32, 64, 128]) for _ in range(3))
-    names = narrow_channels_last(chosen, (batch, 1, 40, 56, 40), dtype, None)
-    convert_layers(both, [*names, "model.2.0.conv"])  # the 32 -> 3 transposed convolution before the last unit
-    nets = {"default": default, f"medseg's choice {names}": chosen, "+ the transposed convolution": both}
-    _, ms = alternated_step_ms(
-        {k: (v, torch.contiguous_format) for k, v in nets.items()}, batch, args.iterations, dtype
-    )
-    print("compiled UNet 16-128, training steps alternated:")
-    for name, value in ms.items():
-        print(f"  {name}: {value:.1f} ms ({ms['default'] / value:.2f}x the default's speed)")
+    # each network in its own process, rounds alternated: in one process torch.compile reused one UNet's graph for
+    # another UNet whose layer had forward hooks, and the converted network stepped at the default's speed
+    results: dict[str, list[float]] = {name: [] for name in NARROW_VARIANTS}
+    layers: dict[str, list[str]] = {}
+    for _ in range(args.repeat):
+        for name in NARROW_VARIANTS:
+            command = [sys.executable, __file__, "narrow", "--one-narrow", name, "--threads", str(args.threads)]
+            command += ["--iterations", str(args.iterations), "--batch", str(batch)]
+            command += ["--float32"] if args.float32 else []
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=args.env)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name].append(result["ms"])
+            layers[name] = result["layers"]
+    print(f"compiled UNet 16-128, ms per training step, {args.repeat} round(s) of one process per network:")
+    medians = {name: float(np.median(values)) for name, values in results.items()}
+    for name, values in results.items():
+        rounds = ", ".join(f"{v:.1f}" for v in values)
+        speed = medians["default"] / medians[name]
+        print(f"  {name} {layers[name]}: {rounds} (median {medians[name]:.1f}: {speed:.2f}x the default's speed)")
+
+
+def narrow_step(args: argparse.Namespace) -> None:
+    """One network of ``narrow``, in this process: its median ms per compiled step and its converted layers."""
+    from medseg.train.layout import convert_layers, narrow_channels_last
+    from medseg.train.loop import cpu_has_native_bf16
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = None if args.float32 or not cpu_has_native_bf16() else torch.bfloat16
+    net, names = unet([16, 32, 64, 128]), []
+    if args.one_narrow != "default":
+        names = narrow_channels_last(net, (args.batch, 1, 40, 56, 40), dtype, None)
+    if args.one_narrow == "+ the transposed convolution":  # the 32 -> 3 one before the last unit
+        names += convert_layers(net, ["model.2.0.conv"])
+    layout = {args.one_narrow: (net, torch.contiguous_format)}
+    _, ms = alternated_step_ms(layout, args.batch, args.iterations, dtype or torch.float32)
+    print(json.dumps({"ms": ms[args.one_narrow], "layers": names}))
 
 
 def widths(args: argparse.Namespace) -> None:
@@ -528,12 +559,13 @@ def main() -> None:
         help="levers: the settings (name parts, comma-separated) to measure "
         "again beside a torch process in another session; 'all' for every one",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="levers, loader: rounds (median reported)")
+    parser.add_argument("--repeat", type=int, default=1, help="levers, loader, narrow: rounds (median reported)")
     parser.add_argument("--only", default="", help="levers: comma-separated parts of the setting names to run")
     parser.add_argument("--train-dir", type=Path, default=Path("../shared/data/hippocampus"))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medseg_train_speed.pkl")
     # one setting, in this process (what `levers` runs in a child process per setting)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one-narrow", choices=NARROW_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
@@ -549,7 +581,9 @@ def main() -> None:
     args = parser.parse_args()
     args.train_dir, args.cache = args.train_dir.resolve(), args.cache.resolve()
     args.env = dict(os.environ)
-    if args.one:
+    if args.one_narrow:
+        narrow_step(args)
+    elif args.one:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         lever_samples_per_second(args)
     elif args.what == "networks":

@@ -27,12 +27,12 @@ BLOCK = 16  # oneDNN's channel block on AVX-512 CPUs
 PAYS = 0.8  # channels-last when the layer's measured step takes at most this share of the default's
 
 
-def narrow_convolutions(model: torch.nn.Module) -> dict[str, torch.nn.Conv3d]:
-    """The network's 3D convolutions (not transposed) with a channel count that is not a multiple of ``BLOCK``."""
+def narrow_convolutions(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d | torch.nn.Conv3d]:
+    """The network's 2D and 3D convolutions (not transposed) with a channel count off ``BLOCK``."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Conv3d)
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Conv3d)
         and module.groups == 1
         and (module.in_channels % BLOCK or module.out_channels % BLOCK)
     }
@@ -62,11 +62,15 @@ def input_shapes(
         model.train(training)
         for handle in handles:
             handle.remove()
-    return {name: (int(input_shape[0]), *shape[1:]) for name, shape in shapes.items()}
+    return {name: (shape[0] * int(input_shape[0]), *shape[1:]) for name, shape in shapes.items()}  # 2D: B x Z slices
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
 
 
 def step_ms(
-    conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, iterations: int = 3
+    conv: torch.nn.Conv2d | torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, iterations: int = 3
 ) -> tuple[float, float]:
     """Median milliseconds of the layer's forward and backward pass on a random input of ``shape``: in the default
     layout, and with the input converted to channels-last and the output back (the copies included), alternated.
@@ -78,7 +82,7 @@ def step_ms(
     for i in range(iterations + 1):  # the first round warms oneDNN's kernels up and is not counted
         for channels_last in (False, True):
             start = time.perf_counter()
-            inputs = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+            inputs = _channels_last(x) if channels_last else x
             with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
                 out = conv._conv_forward(inputs.requires_grad_(), weight, bias)
             out.contiguous().sum().backward()
@@ -88,7 +92,7 @@ def step_ms(
 
 
 def _to_channels_last(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
+    return (_channels_last(args[0]), *args[1:])
 
 
 def _to_contiguous(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,32 @@ def test_the_narrow_convolutions_are_those_off_the_onednn_channel_block() -> Non
     assert not any("transp" in name for name in names)
 
 
+def test_2d_networks_run_per_slice_and_their_layers_are_timed_at_batch_times_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from medseg.networks import SliceNetwork
+
+    torch.manual_seed(0)
+    net = SliceNetwork(UNet(2, 1, 3, [16, 32], [2], num_res_units=2, norm="instance"))
+    assert "net.model.2.1.conv.unit0.conv" in narrow_convolutions(net)
+    timed: dict[str, tuple[int, ...]] = {}
+
+    def fake_step_ms(
+        conv: torch.nn.Module, shape: tuple[int, ...], autocast: torch.dtype | None
+    ) -> tuple[float, float]:
+        timed[f"{conv.in_channels}->{conv.out_channels}"] = shape
+        return 10.0, 5.0
+
+    monkeypatch.setattr(layout, "step_ms", fake_step_ms)
+    default = copy.deepcopy(net)
+    narrow_channels_last(net, (4, 1, 32, 24, 2), None, None)  # batches of 4 patches of 2 slices
+    assert timed["3->3"] == (8, 3, 32, 24)
+    x = torch.randn(2, 1, 32, 24, 2)
+    torch.testing.assert_close(net(x), default(x), atol=1e-5, rtol=1e-5)
+    default_ms, channels_last_ms = step_ms(torch.nn.Conv2d(3, 3, 3, padding=1), (2, 3, 32, 32), None, iterations=1)
+    assert default_ms > 0 and channels_last_ms > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_converted_network_computes_what_the_default_does(dtype: torch.dtype) -> None:
     default = _unet()
