@@ -125,11 +125,15 @@ def narrow_channels_last(
         chosen = list(layers)
     else:
         chosen, timings = [], []
-        for name, shape in input_shapes(model, layers, input_shape).items():
-            default_ms, channels_last_ms = step_ms(layers[name], shape, autocast)
-            timings.append(f"{name} {default_ms:.1f} -> {channels_last_ms:.1f} ms")
-            if channels_last_ms <= PAYS * default_ms:
-                chosen.append(name)
+        try:
+            for name, shape in input_shapes(model, layers, input_shape).items():
+                default_ms, channels_last_ms = step_ms(layers[name], shape, autocast)
+                timings.append(f"{name} {default_ms:.1f} -> {channels_last_ms:.1f} ms")
+                if channels_last_ms <= PAYS * default_ms:
+                    chosen.append(name)
+        except Exception as error:  # a speed-up is never worth a failed run: train in the default layout
+            log.warning("timing the narrow convolutions failed (%s: %s): default layout", type(error).__name__, error)
+            return []
         log.info("narrow convolutions, forward and backward, default -> channels-last: %s", "; ".join(timings))
     if chosen:
         log.info("training the narrow convolution(s) %s channels-last", ", ".join(chosen))

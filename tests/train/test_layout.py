@@ -211,3 +211,17 @@ def test_deterministic_runs_and_forced_settings_skip_the_timing(
         run(make_config(root, epochs=1, network="unet", **settings), *args, root / name)
         recorded = load_state(root / name / "last.pt")["progress"]["narrow_channels_last"]
         assert recorded == expected if expected is not None else "model.2.1.conv.unit0.conv" in recorded
+
+
+def test_a_failed_timing_trains_in_the_default_layout(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def out_of_memory(*_: object) -> tuple[float, float]:
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(layout, "step_ms", out_of_memory)
+    net = _unet()
+    with caplog.at_level("WARNING", logger="medseg.train.layout"):
+        assert narrow_channels_last(net, (2, 1, 16, 24, 16), None, None) == []
+    assert "timing the narrow convolutions failed (RuntimeError: DefaultCPUAllocator" in caplog.text
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
