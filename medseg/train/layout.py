@@ -1,11 +1,12 @@
-"""Channels-last for the narrow 3D convolutions of a CPU training step, where a quick measurement says it pays.
+"""Channels-last for the narrow convolutions of a CPU training step, where a quick measurement says it pays.
 
 oneDNN's CPU convolutions work on channels in blocks of 16 (AVX-512). A layer whose channel counts are not a
 multiple of that takes a slow path in the default (contiguous) layout: on a 2-core AMD EPYC Zen 4 the forward and
-backward pass of MONAI UNet's last 3 -> 3 convolution at the hippocampus patch took 37.8 ms in bfloat16 and 43.6 ms
-in float32, and 10.1 / 15.3 ms with its input in the channels-last layout; 14 -> 14 channels 96 against 48 ms
-(BENCHMARKS.md, "Training throughput"). Converting the whole network does not pay under bfloat16 on an Intel Xeon
-with AMX (1.45x slower), and converting the last transposed convolution too was slower on Zen 4. So medseg converts
+backward pass of MONAI UNet's last 3 -> 3 convolution at the hippocampus patch took 40.4 ms in bfloat16 and 60.4 ms
+in float32, and 12.8 / 19.9 ms with its input in the channels-last layout; 14 -> 14 channels 103 against 45 ms
+(bfloat16; BENCHMARKS.md, "Training throughput", ``benchmarks/train_speed.py narrow``). Converting the whole
+network does not pay under bfloat16 on an Intel Xeon with AMX (1.45x slower), and converting the last transposed
+convolution too was slower on Zen 4. So medseg converts
 only these layers, and only where timing the layer both ways at the start of training says so: the layouts' speeds
 differ between CPUs. torch's own ``memory_format`` option converts a whole module's weights; here the layer's input
 goes channels-last and its output back to contiguous (two copies of a few MB), by forward hooks, so the network's
