@@ -6,11 +6,10 @@ backward pass of MONAI UNet's last 3 -> 3 convolution at the hippocampus patch t
 in float32, and 12.8 / 19.9 ms with its input in the channels-last layout; 14 -> 14 channels 103 against 45 ms
 (bfloat16; BENCHMARKS.md, "Training throughput", ``benchmarks/train_speed.py narrow``). Converting the whole
 network does not pay under bfloat16 on an Intel Xeon with AMX (1.45x slower), and converting the last transposed
-convolution too was slower on Zen 4. So medseg converts
-only these layers, and only where timing the layer both ways at the start of training says so: the layouts' speeds
-differ between CPUs. torch's own ``memory_format`` option converts a whole module's weights; here the layer's input
-goes channels-last and its output back to contiguous (two copies of a few MB), by forward hooks, so the network's
-state dict and every other layer stay as they are.
+convolution too was slower on Zen 4. So medseg converts only these layers, and only where timing the layer both ways
+at the start of training says so: the layouts' speeds differ between CPUs. torch's own ``memory_format`` option
+converts a whole module's weights; here the layer's input goes channels-last and its output back to contiguous (two
+copies of a few MB), by forward hooks, so the network's state dict and every other layer stay as they are.
 """
 
 from __future__ import annotations
@@ -39,16 +38,17 @@ def narrow_convolutions(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d | t
     }
 
 
-def input_shapes(
+def layer_inputs(
     model: torch.nn.Module, layers: dict[str, torch.nn.Module], input_shape: Sequence[int]
-) -> dict[str, tuple[int, ...]]:
-    """The shape of each layer's input when the network takes a batch of ``input_shape`` (one forward pass at batch
-    1 without gradients, in eval mode: no dropout draws, no normalisation statistics updated)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Each layer's input when the network takes a batch of ``input_shape``: its shape, and whether a training step
+    computes its gradient (not where the layer is fed the image itself). One forward pass at batch 1 in eval mode (no
+    dropout draws, no normalisation statistics updated), its graph recorded but never run backward."""
+    inputs: dict[str, tuple[tuple[int, ...], bool]] = {}
 
     def record(name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:  # returns None: input unchanged
-            shapes.setdefault(name, tuple(args[0].shape))
+            inputs.setdefault(name, (tuple(args[0].shape), bool(args[0].requires_grad)))
 
         return hook
 
@@ -57,13 +57,14 @@ def input_shapes(
     try:
         model.eval()
         parameter = next(model.parameters())
-        with torch.no_grad():
+        with torch.enable_grad():
             model(torch.zeros(1, *input_shape[1:], dtype=parameter.dtype, device=parameter.device))
     finally:
         model.train(training)
         for handle in handles:
             handle.remove()
-    return {name: (shape[0] * int(input_shape[0]), *shape[1:]) for name, shape in shapes.items()}  # 2D: B x Z slices
+    batch = int(input_shape[0])  # a 2D network's layers take batch x Z slices
+    return {name: ((shape[0] * batch, *shape[1:]), grad) for name, (shape, grad) in inputs.items()}
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +72,16 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def step_ms(
-    conv: torch.nn.Conv2d | torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, iterations: int = 3
+    conv: torch.nn.Conv2d | torch.nn.Conv3d,
+    shape: tuple[int, ...],
+    autocast: torch.dtype | None,
+    iterations: int = 3,
+    input_grad: bool = True,
 ) -> tuple[float, float]:
-    """Median milliseconds of the layer's forward and backward pass on a random input of ``shape``: in the default
-    layout, and with the input converted to channels-last and the output back (the copies included), alternated.
-    On copies of the weights, with its own random generator: the model and torch's random state stay untouched."""
+    """Median milliseconds of the layer's forward and backward pass on a random input of ``shape`` (the input's
+    gradient too with ``input_grad``): in the default layout, and with the input converted to channels-last and the
+    output back (the copies included), alternated. On copies of the weights, with its own random generator: the
+    model and torch's random state stay untouched."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     weight = conv.weight.detach().clone().requires_grad_()
     bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
@@ -83,9 +89,9 @@ def step_ms(
     for i in range(iterations + 1):  # the first round warms oneDNN's kernels up and is not counted
         for channels_last in (False, True):
             start = time.perf_counter()
-            inputs = _channels_last(x) if channels_last else x
+            inputs = (_channels_last(x) if channels_last else x).detach().requires_grad_(input_grad)  # a fresh leaf
             with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
-                out = conv._conv_forward(inputs.requires_grad_(), weight, bias)
+                out = conv._conv_forward(inputs, weight, bias)
             out.contiguous().sum().backward()
             if i:
                 times[channels_last].append(1000 * (time.perf_counter() - start))
@@ -127,8 +133,8 @@ def narrow_channels_last(
     else:
         chosen, timings = [], []
         try:
-            for name, shape in input_shapes(model, layers, input_shape).items():
-                default_ms, channels_last_ms = step_ms(layers[name], shape, autocast)
+            for name, (shape, grad) in layer_inputs(model, layers, input_shape).items():
+                default_ms, channels_last_ms = step_ms(layers[name], shape, autocast, input_grad=grad)
                 timings.append(f"{name} {default_ms:.1f} -> {channels_last_ms:.1f} ms")
                 if channels_last_ms <= PAYS * default_ms:
                     chosen.append(name)

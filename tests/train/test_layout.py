@@ -44,7 +44,7 @@ def test_2d_networks_run_per_slice_and_their_layers_are_timed_at_batch_times_sli
     timed: dict[str, tuple[int, ...]] = {}
 
     def fake_step_ms(
-        conv: torch.nn.Module, shape: tuple[int, ...], autocast: torch.dtype | None
+        conv: torch.nn.Module, shape: tuple[int, ...], autocast: torch.dtype | None, input_grad: bool
     ) -> tuple[float, float]:
         timed[f"{conv.in_channels}->{conv.out_channels}"] = shape
         return 10.0, 5.0
@@ -89,11 +89,13 @@ def test_the_timing_decides_per_layer_and_leaves_model_and_random_state_alone(
     before = copy.deepcopy(net.state_dict())
     rng = torch.get_rng_state()
     timed: dict[int, tuple[int, ...]] = {}
+    input_grads: dict[int, bool] = {}
 
     def fake_step_ms(
-        conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None
+        conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, input_grad: bool
     ) -> tuple[float, float]:
         timed[conv.out_channels] = shape
+        input_grads[conv.out_channels] = input_grad
         return (10.0, 5.0) if conv.out_channels == 3 else (10.0, 9.0)  # pays for the 3 -> 3 layer only
 
     monkeypatch.setattr(layout, "step_ms", fake_step_ms)
@@ -102,6 +104,8 @@ def test_the_timing_decides_per_layer_and_leaves_model_and_random_state_alone(
     assert chosen == ["model.2.1.conv.unit0.conv"]
     assert timed[3] == (4, 3, 16, 24, 16)  # the layer's own input at the training batch, found by a forward pass
     assert timed[16] == (4, 1, 16, 24, 16)
+    # the first layer takes the image, whose gradient a training step never computes; the last unit's it does
+    assert input_grads == {16: False, 3: True}
     assert net.training  # the shape-finding pass ran in eval mode and put the mode back
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -155,7 +159,9 @@ def _run_twice_with_different_timings(
     config = make_config(root, epochs=4, network="unet", channels_last_narrow=None)
     sessions: list[list[str]] = [[]]
 
-    def first_pays(conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None) -> tuple[float, float]:
+    def first_pays(
+        conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, **_: bool
+    ) -> tuple[float, float]:
         sessions[-1].append(f"{conv.in_channels}->{conv.out_channels}")
         return (10.0, 5.0) if len(sessions) == 1 and conv.in_channels == conv.out_channels == 3 else (10.0, 10.0)
 
@@ -197,7 +203,7 @@ def test_deterministic_runs_and_forced_settings_skip_the_timing(
     from medseg.models import load_state
     from medseg.train.run import run
 
-    def no_timing(*_: object) -> tuple[float, float]:
+    def no_timing(*_: object, **__: object) -> tuple[float, float]:
         raise AssertionError("timed")
 
     monkeypatch.setattr(layout, "step_ms", no_timing)
@@ -216,7 +222,7 @@ def test_deterministic_runs_and_forced_settings_skip_the_timing(
 def test_a_failed_timing_trains_in_the_default_layout(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def out_of_memory(*_: object) -> tuple[float, float]:
+    def out_of_memory(*_: object, **__: object) -> tuple[float, float]:
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
     monkeypatch.setattr(layout, "step_ms", out_of_memory)
