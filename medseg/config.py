@@ -232,7 +232,7 @@ class TrainConfig(_Section):
         None,
         description="on a CPU, run the 2D and 3D convolutions whose channel counts are not a multiple of 16 (e.g. the "
         "last 3 -> 3 of MONAI's UNet) on channels-last input; null: per layer where timing it both ways at the "
-        "start of training says it pays (3x faster for that layer on an AMD Zen 4), never in deterministic runs",
+        "start of training says it pays (3-5x faster for that layer on an AMD Zen 4), never in deterministic runs",
     )
     deterministic: bool = Field(False, description="deterministic algorithms (slower); always seeded")
     epochs: int | None = Field(

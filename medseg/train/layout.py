@@ -2,8 +2,8 @@
 
 oneDNN's CPU convolutions work on channels in blocks of 16 (AVX-512). A layer whose channel counts are not a
 multiple of that takes a slow path in the default (contiguous) layout: on a 2-core AMD EPYC Zen 4 the forward and
-backward pass of MONAI UNet's last 3 -> 3 convolution at the hippocampus patch took 40.4 ms in bfloat16 and 60.4 ms
-in float32, and 12.8 / 19.9 ms with its input in the channels-last layout; 14 -> 14 channels 103 against 45 ms
+backward pass of MONAI UNet's last 3 -> 3 convolution at the hippocampus patch took 57.3 ms in bfloat16 and 56.6 ms
+in float32, and 12.1 / 18.7 ms with its input in the channels-last layout; 14 -> 14 channels 98 against 40 ms
 (bfloat16; BENCHMARKS.md, "Training throughput", ``benchmarks/train_speed.py narrow``). Converting the whole
 network does not pay under bfloat16 on an Intel Xeon with AMX (1.45x slower), and converting the last transposed
 convolution too was slower on Zen 4. So medseg converts only these layers, and only where timing the layer both ways
