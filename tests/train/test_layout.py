@@ -66,6 +66,11 @@ def test_a_converted_network_computes_what_the_default_does(dtype: torch.dtype) 
     names = convert_layers(converted, list(narrow_convolutions(converted)))
     assert len(names) == 3
     assert converted.state_dict().keys() == default.state_dict().keys()  # checkpoints load either way
+    seen = []  # whether the last unit's input is channels-last (these hooks run after the conversion's)
+    for net in (default, converted):
+        dict(net.named_modules())["model.2.1.conv.unit0.conv"].register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d))
+        )
     x = torch.randn(2, 1, 16, 24, 16)
     outputs, grads = [], []
     for net in (default, converted):
@@ -75,6 +80,7 @@ def test_a_converted_network_computes_what_the_default_does(dtype: torch.dtype) 
         out.float().square().mean().backward()
         outputs.append(out.float())
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert seen == [False, True]  # the default's last unit got contiguous input, the converted one's channels-last
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(outputs[1], outputs[0], atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(grads[1], grads[0], atol=tolerance, rtol=tolerance * 10)
