@@ -152,55 +152,39 @@ def test_a_compiled_converted_step_runs_at_one_and_two_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def _run_twice_with_different_timings(
+def test_a_resumed_run_keeps_its_first_sessions_layout(
     tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
-) -> tuple[list[list[str]], list[str]]:
+) -> None:
     """A run whose first session's timing picks channels-last for its 3 -> 3 layer, crashed at epoch 3 and resumed
-    under a timing that would pick nothing: what each session timed, and the layers the finished run recorded."""
+    under a timing that would pick nothing, keeps the first choice."""
+    from test_train import _crash_at_3_then_resume, _history  # tests/train is on sys.path (pytest)
+
+    from medseg import tracking
+    from medseg.io import read_json
     from medseg.models import load_state
-    from medseg.train import loop
-    from medseg.train.run import run
 
     root = tiny_dataset["root"]
     config = make_config(root, epochs=4, network="unet", channels_last_narrow=None)
-    sessions: list[list[str]] = [[]]
+    timed: dict[str, list[str]] = {"first session": [], "resumed": []}
 
     def first_pays(
         conv: torch.nn.Conv3d, shape: tuple[int, ...], autocast: torch.dtype | None, **_: bool
     ) -> tuple[float, float]:
-        sessions[-1].append(f"{conv.in_channels}->{conv.out_channels}")
-        return (10.0, 5.0) if len(sessions) == 1 and conv.in_channels == conv.out_channels == 3 else (10.0, 10.0)
+        session = "resumed" if (root / "train" / "last.pt").exists() else "first session"
+        timed[session].append(f"{conv.in_channels}->{conv.out_channels}")
+        pays = session == "first session" and conv.in_channels == conv.out_channels == 3
+        return (10.0, 5.0) if pays else (10.0, 10.0)
 
     monkeypatch.setattr(layout, "step_ms", first_pays)
-    original = loop.BatchLoader.epoch
-
-    def crash_at_3(self: loop.BatchLoader, epoch: int) -> object:
-        if epoch == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, epoch)
-
-    monkeypatch.setattr(loop.BatchLoader, "epoch", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
-    monkeypatch.setattr(loop.BatchLoader, "epoch", original)
-    sessions.append([])
-    run(config, tiny_dataset["manifest"], tiny_dataset["resample_dir"], root / "train")
-    return sessions, load_state(root / "train" / "last.pt")["progress"]["narrow_channels_last"]
-
-
-def test_a_resumed_run_keeps_its_first_sessions_layout(
-    tiny_dataset: dict, make_config: Callable, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from medseg import tracking
-    from medseg.io import read_json
-
-    sessions, recorded = _run_twice_with_different_timings(tiny_dataset, make_config, monkeypatch)
-    assert "3->3" in sessions[0]  # the tiny network's last unit (3 classes) was timed in the first session
-    assert sessions[1] == []  # the resumed session timed nothing: it took the recorded choice
-    assert recorded == ["model.2.1.conv.unit0.conv"]
-    root = tiny_dataset["root"]
-    run = tracking.client(make_config(root).tracking).get_run(read_json(root / "train" / "run.json")["run_id"])
+    _crash_at_3_then_resume(
+        (config, tiny_dataset["manifest"], tiny_dataset["resample_dir"]), root / "train", monkeypatch
+    )
+    assert "3->3" in timed["first session"]  # the tiny network's last unit (3 classes) was timed
+    assert timed["resumed"] == []  # the resumed session timed nothing: it took the recorded choice
+    assert load_state(root / "train" / "last.pt")["progress"]["narrow_channels_last"] == ["model.2.1.conv.unit0.conv"]
+    run = tracking.client(config.tracking).get_run(read_json(root / "train" / "run.json")["run_id"])
     assert run.data.tags["narrow_channels_last"] == "model.2.1.conv.unit0.conv"  # on record in MLflow
+    assert len(_history(root / "train")) == 4
 
 
 def test_deterministic_runs_and_forced_settings_skip_the_timing(
