@@ -1,6 +1,9 @@
 rule plan:
     input:
         manifest=WF.manifest,
+        # the images the manifest lists: Snakemake checks only the outputs a later job asks for, so without this a
+        # deleted results/ beside a kept data_manifests/<dataset>.tsv would not run ingest again
+        images=rules.ingest.output.folder,
     output:
         WF.plan,
     params:
