@@ -13,7 +13,9 @@ ensemble) -> infer (shards) -> postprocess_decide -> postprocess (shards) -> eva
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,32 @@ class Workflow:
     @property
     def raw_dir(self) -> Path:
         return self.config.paths.raw_dir
+
+    def raw_listing_digest(self) -> str:
+        """A digest of the input folder's files (relative path, size, modification time), a parameter of ingest.
+
+        Snakemake dates a directory input by the folder's own time, which a file replaced, fixed or added below its
+        top level does not move: without this, a corrected file in a patient's folder (the one ``failures.tsv``
+        named) would leave ingest, and every stage after it, as they were. Names starting with a dot are left out
+        (``.DS_Store``, Snakemake's ``.snakemake_timestamp``). Empty for the demo: its folder is the demo_data
+        rule's output, which Snakemake already follows, and its listing before that rule runs would differ from the
+        next invocation's. The digest is a hash of the listing, so no folder name is recorded in Snakemake's
+        metadata.
+        """
+        if self.config.demo_data.enabled:
+            return ""
+        digest = hashlib.sha256()
+        for folder, subfolders, files in os.walk(self.raw_dir):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                path = os.path.join(folder, name)
+                try:
+                    stat = os.stat(path)
+                    size, mtime = stat.st_size, stat.st_mtime_ns
+                except OSError:  # a broken link, a file gone meanwhile: ingest reports it
+                    size, mtime = -1, -1
+                digest.update(f"{os.path.relpath(path, self.raw_dir)}\0{size}\0{mtime}\n".encode(errors="replace"))
+        return digest.hexdigest()
 
     @property
     def manifest(self) -> Path:

@@ -7,6 +7,9 @@ checkpoint ingest:
     params:
         config=CFG,
         digest=WF.config.section_digest("ingest"),
+        # a file changed inside the input folder runs ingest again; a function, so that the folder is walked only
+        # where ingest is in the DAG (not in each cluster job's own Snakemake)
+        files=lambda wildcards: WF.raw_listing_digest(),
     log:
         WF.log("ingest"),
     threads: 1

@@ -17,6 +17,7 @@ from predict.predict_helpers import assert_dciodvfy_ok
 from medseg import cli
 from medseg.config import load_config
 from medseg.demo_data.dicom import Identity, write_dx_image
+from medseg.demo_data.run import run
 from medseg.demo_data.xray import radiograph
 from medseg.io import read_json, read_tsv, read_volume
 from medseg.manifest import read_manifest
@@ -69,6 +70,34 @@ def test_dry_run_from_a_fresh_clone(repo: Path, tmp_path: Path) -> None:
     result = _snakemake(clone, clone, "-n", "--cores", "8")
     assert result.returncode == 0, result.stderr + result.stdout
     assert "demo_data" in result.stdout and "ingest" in result.stdout
+
+
+def test_a_file_changed_inside_the_input_folder_runs_ingest_again(repo: Path, tmp_path: Path) -> None:
+    """Snakemake dates a folder input by the folder's own time; a file fixed in a patient's folder below it (the one
+    failures.tsv named) must still run ingest again, and only real files count."""
+    hospital = tmp_path / "export"
+    tiny = repo / "configs" / "tiny.yaml"
+    run(load_config(tiny), hospital)  # the tiny demo's cohort, as a team's own folder
+    own = tmp_path / "own.yaml"
+    own.write_text(f"dataset: own\ndemo_data:\n  enabled: false\npaths:\n  raw_dir: {hospital}\n")
+    nested = sorted(hospital.glob("*/*.nii.gz"))[0]  # a patient's file, below the folder Snakemake dates
+    args = ("data_manifests/own.tsv", "--cores", "2", "--configfile", str(tiny), str(own))
+    done = _snakemake(repo, tmp_path, *args)
+    assert done.returncode == 0 and (tmp_path / "data_manifests" / "own.tsv").is_file(), done.stderr[-3000:]
+
+    def planned() -> str:
+        result = _snakemake(repo, tmp_path, *args, "-n")
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    first = planned()
+    assert "Nothing to be done" in first, first[-3000:]
+    (nested.parent / ".DS_Store").write_bytes(b"Finder")  # not a scan
+    assert "Nothing to be done" in planned()
+    stat = nested.stat()
+    os.utime(nested, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place
+    again = planned()
+    assert re.search(r"^ingest +1$", again, re.M) and "Params have changed" in again, again[-3000:]
 
 
 @pytest.mark.slow
