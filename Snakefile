@@ -2,7 +2,7 @@
 # Thin by design: validate the config, include one rule file per stage, define `all`. Paths, shards and target
 # lists live in medseg/workflow.py, where pytest reaches them. `config` is what you give (--configfile, --config):
 # Workflow.from_snakemake lays it over configs/default.yaml (and configs/demo.yaml while the demo is on).
-from medseg.workflow import Workflow, after_checkpoint
+from medseg.workflow import Workflow, after_checkpoint, listing_digest
 
 
 WF = Workflow.from_snakemake(config)

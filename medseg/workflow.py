@@ -49,6 +49,28 @@ def layered(user: dict[str, Any], configs: Path = CONFIGS) -> dict[str, Any]:
     return merge(base, user)
 
 
+def listing_digest(folder: Path) -> str:
+    """A digest of the files below ``folder`` (relative path, size, modification time), for a rule's params.
+
+    Snakemake dates a folder input by the folder's own time, which a file replaced, fixed or added below its top
+    level does not move. Names starting with a dot are left out (``.DS_Store``, Snakemake's
+    ``.snakemake_timestamp``). A hash, so Snakemake's metadata records no file or folder name. About a second per
+    50,000 files.
+    """
+    digest = hashlib.sha256()
+    for parent, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(parent, name)
+            try:
+                stat = os.stat(path)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # a broken link, a file gone meanwhile: the stage reports it
+                size, mtime = -1, -1
+            digest.update(f"{os.path.relpath(path, folder)}\0{size}\0{mtime}\n".encode(errors="replace"))
+    return digest.hexdigest()
+
+
 def chunks(items: list[str], size: int) -> list[list[str]]:
     """``items`` in as few shards of at most ``size`` as possible, balanced: 52 by 40 gives 26 + 26, not 40 + 12
     (the slowest shard sets the stage's wall time)."""
@@ -133,30 +155,11 @@ class Workflow:
         return self.config.paths.raw_dir
 
     def raw_listing_digest(self) -> str:
-        """A digest of the input folder's files (relative path, size, modification time), a parameter of ingest.
-
-        Snakemake dates a directory input by the folder's own time, which a file replaced, fixed or added below its
-        top level does not move: without this, a corrected file in a patient's folder (the one ``failures.tsv``
-        named) would leave ingest, and every stage after it, as they were. Names starting with a dot are left out
-        (``.DS_Store``, Snakemake's ``.snakemake_timestamp``). Empty for the demo: its folder is the demo_data
-        rule's output, which Snakemake already follows, and its listing before that rule runs would differ from the
-        next invocation's. The digest is a hash of the listing, so no folder name is recorded in Snakemake's
-        metadata.
-        """
-        if self.config.demo_data.enabled:
-            return ""
-        digest = hashlib.sha256()
-        for folder, subfolders, files in os.walk(self.raw_dir):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            for name in sorted(f for f in files if not f.startswith(".")):
-                path = os.path.join(folder, name)
-                try:
-                    stat = os.stat(path)
-                    size, mtime = stat.st_size, stat.st_mtime_ns
-                except OSError:  # a broken link, a file gone meanwhile: ingest reports it
-                    size, mtime = -1, -1
-                digest.update(f"{os.path.relpath(path, self.raw_dir)}\0{size}\0{mtime}\n".encode(errors="replace"))
-        return digest.hexdigest()
+        """:func:`listing_digest` of the input folder, a parameter of ingest, so that a file replaced, fixed or added
+        below its top level (say the one ``failures.tsv`` named) runs ingest, and every stage after it, again.
+        Empty for the demo: its folder is the demo_data rule's output, which Snakemake already follows, and its
+        listing before that rule runs would differ from the next invocation's."""
+        return "" if self.config.demo_data.enabled else listing_digest(self.raw_dir)
 
     @property
     def manifest(self) -> Path:

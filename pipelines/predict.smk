@@ -11,6 +11,9 @@ if WF.config.predict.input_dir is not None:
             config=CFG,
             digest=WF.config.section_digest("ingest"),
             folder=WF.predict_dir,
+            # a series added anywhere in the folder lists the series again (Snakemake dates a folder by its top
+            # level only); walked only where this job is in the DAG
+            files=lambda wildcards: listing_digest(WF.config.predict.input_dir),
         log:
             WF.log("predict/plan"),
         threads: 1
@@ -22,7 +25,9 @@ if WF.config.predict.input_dir is not None:
     rule predict:
         input:
             model=WF.predict_model_inputs(),
-            series=WF.predict_series_list,
+            # ancient: a new listing (a series added) adds jobs for the new series, without predicting again the
+            # series whose record is there
+            series=ancient(WF.predict_series_list),
         output:
             WF.predict_record("{series_id}"),
         params:

@@ -6,8 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+from fast_predict_config import fast_predict_config
+from predict_helpers import CLASSES, save_checkpoint, tiny_config, write_series
+from test_workflow import _snakemake
+
 from medseg.config import Config
-from medseg.io import write_tsv
+from medseg.io import read_tsv, write_tsv
 from medseg.predict.run import PLAN_COLUMNS
 from medseg.workflow import Workflow
 
@@ -59,3 +64,37 @@ def test_dry_run_plans_predict_all(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "predict_series_list" in done.stdout and "predict_all" in done.stdout
+
+
+def test_a_series_added_inside_a_patient_folder_is_predicted_and_the_others_are_not_again(tmp_path: Path) -> None:
+    """Hospital folders grow below their top level (a new study in a patient's folder), which Snakemake's dating of
+    the folder input does not see; the listing must, and only the new series is predicted."""
+    scans = tmp_path / "scans"
+    write_series(scans / "A" / "study1", seed=0, patient_id="MRN-1")
+    write_series(scans / "B" / "study1", seed=1, patient_id="MRN-2")
+    model = save_checkpoint(tiny_config(tmp_path / "key"), tmp_path / "model.pt")
+    config = tmp_path / "config.yaml"
+    data = fast_predict_config(CLASSES, tmp_path / "key")
+    data |= {"demo_data": {"enabled": False}, "paths": {"results_dir": str(tmp_path / "results")}}
+    data |= {"predict": {"input_dir": str(scans), "model": str(model)}}
+    config.write_text(yaml.safe_dump(data))
+
+    def snakemake(*extra: str) -> str:
+        done = _snakemake(REPO, tmp_path, "predict_all", "--cores", "2", "--configfile", str(config), *extra)
+        assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+        return done.stdout + done.stderr
+
+    snakemake()
+    records = tmp_path / "results" / "predict" / "records"
+    first = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert len(first) == 2, first
+    assert "Nothing to be done" in snakemake("-n")
+
+    write_series(scans / "A" / "study2", seed=2, patient_id="MRN-1")  # a second study of patient A
+    output = snakemake()
+    assert "Params have changed" in output  # the listing ran again: the top folder's time did not move
+    series = read_tsv(tmp_path / "results" / "predict" / "series.tsv")
+    now = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert len(series) == 3 and len(now) == 3, (series, now)
+    assert {name: now[name] for name in first} == first  # the two earlier series were not predicted again
+    assert "Nothing to be done" in snakemake("-n")
