@@ -32,7 +32,8 @@ if WF.config.predict.input_dir is not None:
             WF.predict_record("{series_id}"),
         params:
             config=CFG,
-            digest=WF.config.section_digest("predict"),
+            # the ingest section too: it reads each series by ingest's rules (the series list is ancient here)
+            digest=WF.config.section_digest("predict") + WF.config.section_digest("ingest"),
             model=WF.predict_model,
             input=WF.config.predict.input_dir,
             folder=WF.predict_dir,
