@@ -101,6 +101,9 @@ RULE_RUNTIME_MIN = {"demo_data": 15, "ingest": 120, "plan": 60, "train": 24 * 60
 DEFAULT_RUNTIME_MIN = 120
 
 
+_REGISTERED_NOW: dict[tuple[str, str], str] = {}  # (tracking config, models:/ URI) -> version and checksum
+
+
 @dataclass(frozen=True)
 class Workflow:
     config: Config
@@ -288,6 +291,26 @@ class Workflow:
     def predict_model(self) -> str:
         """What ``--model`` gets: ``predict.model`` if set, else the model this workflow trains."""
         return self.config.predict.model or str(self.model)
+
+    def predict_model_version(self) -> str:
+        """For ``predict.model: models:/<name>@<alias>``, the version the alias names now and its checksum: a
+        parameter of each predict job, so that promoting another version predicts again, which the unchanged URI
+        alone would not. Empty for a file (Snakemake follows its time), a run id or a fixed version (they do not
+        move). Asked of the registry once per Snakemake process.
+
+        Raises:
+            MedsegError: the alias, or the registry, cannot be found.
+        """
+        model = self.config.predict.model
+        if model is None or not model.startswith("models:/") or "@" not in model:
+            return ""
+        key = (self.config.tracking.model_dump_json(), model)
+        if key not in _REGISTERED_NOW:
+            from medseg.tracking import resolve_registered
+
+            found = resolve_registered(self.config.tracking, model)
+            _REGISTERED_NOW[key] = f"{found.label} {found.sha256}"
+        return _REGISTERED_NOW[key]
 
     def predict_model_inputs(self) -> list[str]:
         """The model as a rule input when it is a local file (an MLflow run id or URI is not a file)."""

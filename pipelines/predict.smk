@@ -35,6 +35,8 @@ if WF.config.predict.input_dir is not None:
             # the ingest section too: it reads each series by ingest's rules (the series list is ancient here)
             digest=WF.config.section_digest("predict") + WF.config.section_digest("ingest"),
             model=WF.predict_model,
+            # models:/<name>@champion: the version it names now, so that promoting another one predicts again
+            registered=lambda wildcards: WF.predict_model_version(),
             input=WF.config.predict.input_dir,
             folder=WF.predict_dir,
         log:

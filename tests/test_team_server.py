@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,9 @@ import pydicom
 import pytest
 from test_workflow import _snakemake
 
+from medseg.config import load_config
 from medseg.io import read_json
+from medseg.tracking import register_model, set_alias
 
 PG_PASSWORD = "medseg-test-only"
 
@@ -183,6 +186,22 @@ def test_tiny_workflow_registry_and_champion_predict_on_a_postgres_backed_server
     # downloaded once: a second run verifies the cached copy and downloads nothing
     again = _medseg(tmp_path, *args, "--output", "predictions")
     assert again.returncode == 0 and "downloaded" not in again.stderr and "checksum verified" in again.stderr
+
+    # the workflow's predict_all by alias; promoting another version predicts again (the URI itself is unchanged)
+    by_alias = tmp_path / "predict.yaml"
+    by_alias.write_text(f"predict: {{input_dir: '{scans}', model: 'models:/tiny-team@champion'}}\n")
+    workflow = ("predict_all", "--cores", "2", "--configfile", tiny, str(server), str(by_alias))
+    done = _snakemake(repo, tmp_path, *workflow)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    unchanged = _snakemake(repo, tmp_path, *workflow, "-n")
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stderr[-3000:]
+    tracking = load_config(tmp_path / "results" / "config.yaml").tracking
+    second = register_model(tracking, run_id, "tiny-team", tmp_path / "results" / "train" / "model.pt", {})
+    set_alias(tracking, "tiny-team", second.version, "champion")
+    planned = _snakemake(repo, tmp_path, *workflow, "-n")
+    output = planned.stdout + planned.stderr
+    assert planned.returncode == 0 and re.search(r"^predict +1$", output, re.M), output[-3000:]
+    assert "Params have changed" in output and "tiny-team v2" in output, output[-3000:]
 
 
 def test_a_workflow_without_its_tracking_server_stops_before_any_work(repo: Path, tmp_path: Path) -> None:

@@ -33,6 +33,11 @@ def test_targets_and_records(tmp_path: Path) -> None:
     )
     assert wf.predict_targets() == [str(tmp_path / "predict" / "summary.tsv")]
     assert wf.predict_model_inputs() == []  # an MLflow run id is not a file Snakemake can wait for
+    # only an alias moves (the registry is asked for its version then: tests/test_team_server.py); nothing else
+    # asks the registry, so these need no tracking server
+    assert plain.predict_model_version() == wf.predict_model_version() == ""
+    fixed = Config.model_validate({"predict": {"input_dir": "scans", "model": "models:/tiny-team/3"}})
+    assert Workflow(fixed).predict_model_version() == ""
     write_tsv(wf.predict_series_list, [{"series_id": "PA_1"}, {"series_id": "PB_2"}], PLAN_COLUMNS)
     assert wf.predict_records() == [str(tmp_path / "predict" / "records" / f"{s}.json") for s in ("PA_1", "PB_2")]
 
