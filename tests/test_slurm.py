@@ -259,7 +259,7 @@ def test_the_tiny_workflow_and_predict_all_run_as_slurm_jobs(
 
     # batch inference on a hospital folder: a listing job, then one job per series (a checkpoint's fan-out). Two
     # of the demo's patients, one DICOM series and one NIfTI (configs/tiny.yaml: DEMO0000-0002 are DICOM): each job
-    # on this cluster costs 12-33 s of Snakemake's polling, whatever it does, so the fan-out is shown on two
+    # here takes 18 s or more (Snakemake's start-up inside it, the plugin's polling), so the fan-out is shown on two
     hospital = tmp_path / "hospital"
     for patient in ("DEMO0000", "DEMO0003"):
         shutil.copytree(clone / "data" / "demo_raw" / patient, hospital / patient)
